@@ -1,0 +1,3 @@
+"""cft-adapters: continual fine-tuning of language ability with QLoRA adapters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Trainer callbacks: rich step progress, and a guard that stops on a non-finite loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, what: str):
+        self.step = step
+        super().__init__(f"{what} at step {step}")
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop before a non-finite model is ever checkpointed.
+
+    `on_step_end` runs after the optimizer step and before the trainer's save at that step, so
+    checking the trainable parameters there keeps every saved checkpoint finite. The logged loss is
+    checked too (`logging_nan_inf_filter` is off, so a NaN reaches the log).
+    """
+
+    def __init__(self, model: Any):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        with torch.no_grad():
+            for p in self.params:
+                if not torch.isfinite(p).all():
+                    raise NonFiniteLossError(state.global_step, "adapter weights became non-finite (nan/inf)")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(state.global_step, f"loss became {loss}")
+
+
+class RichProgressCallback(TrainerCallback):
+    """One rich progress task per phase, advanced per optimizer step, showing the latest loss."""
+
+    def __init__(self, progress: Any, label: str):
+        self.progress = progress
+        self.label = label
+        self.task: Any = None
+        self.loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.task = self.progress.add_task(self.label, total=state.max_steps, completed=state.global_step, loss="")
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+            self.progress.update(self.task, loss=f"loss {self.loss:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.progress.update(self.task, completed=state.global_step)

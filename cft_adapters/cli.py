@@ -1,0 +1,95 @@
+"""`cft-train RECIPE [key.path=value ...] [--dry-run]` and `cft-train --schema`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+
+from rich.console import Console
+
+from cft_adapters.errors import CftError
+
+USAGE_EPILOG = """examples:
+  cft-train recipes/smoke.yaml
+  cft-train recipes/mistral_dissimilar.yaml output_dir=runs/m1 phases[1].training.learning_rate=1e-4
+  cft-train recipes/smoke.yaml --dry-run
+  cft-train --schema > recipe.schema.json
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cft-train",
+        description="Run every phase of a continual fine-tuning recipe (QLoRA adapters, TRL SFTTrainer).",
+        epilog=USAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", nargs="?", help="the recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-4")
+    parser.add_argument("--dry-run", action="store_true", help="validate the recipe and data, print the plan, load no model")
+    parser.add_argument("--schema", action="store_true", help="print the recipe JSON Schema and exit")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars, deprecation notes) would drown the run's own progress."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes logs a warning on import when an optional CPU kernel cannot be fetched from the
+    # hub; it falls back to its own kernel, and this tool never fetches code from the hub.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    args = _parser().parse_args(argv)
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    if args.schema:
+        from cft_adapters.recipe import recipe_json_schema
+
+        print(json.dumps(recipe_json_schema(), indent=2))
+        return 0
+    if args.recipe is None:
+        _parser().print_usage(sys.stderr)
+        err.print("cft-train: error: a recipe file is required (or --schema)")
+        return 2
+    bad = [o for o in args.overrides if o.startswith("-")]
+    if bad:
+        err.print(f"cft-train: error: unknown option(s): {' '.join(bad)}")
+        return 2
+    try:
+        from cft_adapters.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            from cft_adapters.plan import dry_run
+
+            _quiet_libraries()
+            dry_run(recipe, args.recipe, console)
+            return 0
+        _quiet_libraries()
+        from cft_adapters.phases import PhaseRunner
+
+        PhaseRunner(recipe, args.recipe, console).run()
+        return 0
+    except CftError as exc:
+        for line in exc.problems:
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted: re-run the same command to resume from the last checkpoint")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

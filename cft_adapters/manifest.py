@@ -1,0 +1,108 @@
+"""`run.json`: the single source of truth about a run, rewritten atomically after every change.
+
+The schema is the contract in ARCHITECTURE.md. Paths are relative to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["pending", "running", "done", "failed"]
+MANIFEST = "run.json"
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+
+
+class TrainStats(BaseModel):
+    steps: int
+    tokens: int = Field(description="Non-padding input tokens seen by the trainer in this phase.")
+    seconds: float = Field(description="Wall time of trainer.train() in the attempt that finished the phase.")
+    tokens_per_second: float = Field(description="Tokens seen in that attempt / its seconds.")
+    peak_memory_mb: float
+    peak_memory_kind: Literal["cuda_max_allocated", "cpu_max_rss"] = Field(
+        description="cuda_max_allocated: torch's per-phase peak. cpu_max_rss: the process's high-water "
+        "mark so far (RSS cannot be reset per phase)."
+    )
+    trainable_parameters: int
+    final_loss: float | None = None
+    resumed_from: str | None = Field(None, description="Trainer checkpoint the phase resumed from, if any.")
+    init_adapter: str | None = Field(None, description="Adapter the phase started from (None: fresh LoRA init).")
+    init_digest: str = Field(description="tensors_digest of the adapter when training started.")
+    final_digest: str = Field(description="tensors_digest of the saved adapter.")
+
+
+class PhaseRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    name: str
+    status: Status = "pending"
+    checkpoint: str | None = None
+    config_digest: str | None = Field(None, description="Digest of everything that determines this phase's adapter.")
+    data: dict[str, Any] | None = None
+    train: TrainStats | None = None
+    placement: dict[str, Any] | None = None
+    replay: dict[str, Any] | None = None
+    eval: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def dirname(self) -> str:
+        return f"phase_{self.index}_{self.name}"
+
+
+class RunManifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    recipe: str
+    base_model: str
+    base_model_path: str | None = None
+    seed: int
+    versions: dict[str, str]
+    phases: list[PhaseRecord]
+
+    def phase(self, index: int) -> PhaseRecord:
+        return self.phases[index]
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunManifest:
+        return cls.model_validate_json((run_dir / MANIFEST).read_text(encoding="utf-8"))
+
+    def write(self, run_dir: Path) -> None:
+        write_atomic(run_dir / MANIFEST, self.model_dump_json(indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("cft-adapters", "torch", "transformers", "trl", "peft", "bitsandbytes", "lm-eval", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def dumps_canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

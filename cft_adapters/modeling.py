@@ -1,0 +1,174 @@
+"""Load the base model once (NF4 or plain), the tokenizer, and the continuing LoRA adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cft_adapters.errors import CftError
+from cft_adapters.hf_configs import bnb_config, compute_dtype, lora_config
+from cft_adapters.recipe import BUILTIN_PREFIX, AdapterConfig, ModelConfig
+from cft_adapters.tiny import CHATML_TEMPLATE, BUILTIN_MODELS, builtin_model_path, cache_dir
+
+
+def resolve_model_path(model: ModelConfig) -> str:
+    """The directory or hub id that transformers loads: builtin models are built, GGUF files are
+    dequantized into a cached plain checkpoint (so NF4 and the stock lm-eval CLI can load them)."""
+    name = model.name_or_path
+    if name.startswith(BUILTIN_PREFIX):
+        key = name.removeprefix(BUILTIN_PREFIX)
+        if key not in BUILTIN_MODELS:
+            raise CftError(f"model.name_or_path: unknown builtin model '{name}' (available: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)})")
+        return str(builtin_model_path(key))
+    if model.gguf_file:
+        return str(materialize_gguf(model))
+    return name
+
+
+def materialize_gguf(model: ModelConfig) -> Path:
+    """Dequantize `gguf_file` once into `<cache>/gguf/<digest>/` (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(model.name_or_path) / str(model.gguf_file)
+    key = f"{model.name_or_path}|{model.gguf_file}|{model.revision}"
+    if source.is_file():
+        stat = source.stat()
+        key += f"|{stat.st_size}|{int(stat.st_mtime)}"
+    target = cache_dir() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target
+    kwargs = dict(gguf_file=model.gguf_file, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CftError(f"model.gguf_file: cannot load '{model.gguf_file}' from '{model.name_or_path}': {exc}") from None
+    # A GGUF load marks the model as quantized; the Trainer refuses such models. The weights are
+    # already dequantized, so drop the marker and save a plain checkpoint.
+    loaded.hf_quantizer = None
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
+    loaded.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
+    try:
+        loaded.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(model: ModelConfig, path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=_revision(model), trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise CftError(f"model.name_or_path: cannot load a tokenizer from '{path}': {exc}") from None
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = model.chat_template or CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model: ModelConfig, path: str, *, gradient_checkpointing: bool = False) -> Any:
+    """The frozen base, ready for k-bit training when NF4. Loaded once per run."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(
+        revision=_revision(model),
+        trust_remote_code=model.trust_remote_code,
+        dtype=compute_dtype(model),
+        use_safetensors=True,
+    )
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    quant = bnb_config(model)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CftError(f"model.name_or_path: cannot load '{path}': {exc}") from None
+    for param in base.parameters():
+        param.requires_grad_(False)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        base.enable_input_require_grads()
+    return base
+
+
+def _revision(model: ModelConfig) -> str | None:
+    """A revision applies to hub ids only; builtin and GGUF models are local directories."""
+    if model.name_or_path.startswith(BUILTIN_PREFIX) or model.gguf_file:
+        return None
+    return model.revision
+
+
+def new_adapter(base: Any, adapter: AdapterConfig, layers_to_transform: list[int] | None = None) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(base, lora_config(adapter, layers_to_transform))
+
+
+def load_adapter_for_training(base: Any, adapter_dir: Path) -> Any:
+    """Continue an adapter saved by an earlier phase, on an already loaded base."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+
+
+def load_adapter_weights(peft_model: Any, adapter_dir: Path) -> None:
+    """Overwrite the in-memory adapter with the weights saved in `adapter_dir` (no base reload)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CftError(f"{adapter_dir}: adapter does not fit the model (unexpected keys: {unexpected[:3]})")
+
+
+def adapter_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The adapter tensors as saved by PEFT (names without the adapter name)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted names and raw bytes: equal digests mean bitwise-equal adapters."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def adapter_file_digest(adapter_dir: Path) -> str:
+    from safetensors.torch import load_file
+
+    return tensors_digest(load_file(str(adapter_dir / "adapter_model.safetensors")))

@@ -1,0 +1,336 @@
+"""The phase runner. For each phase: place adapters -> build replay -> train -> save -> evaluate.
+
+Phase 0 is the untouched base (evaluated only). Phases 1..N train one LoRA adapter that carries on
+across phases: phase k starts from the adapter phase k-1 saved, loaded explicitly from disk, on a
+base that is loaded once per run and never changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cft_adapters import modeling
+from cft_adapters.callbacks import NonFiniteGuard, NonFiniteLossError, RichProgressCallback
+from cft_adapters.data import PhaseData, load_phase_data
+from cft_adapters.errors import NotImplementedYet, RunError
+from cft_adapters.hf_configs import sft_config
+from cft_adapters.manifest import (
+    RESOLVED_RECIPE,
+    PhaseRecord,
+    RunManifest,
+    TrainStats,
+    dumps_canonical,
+    package_versions,
+    write_atomic,
+)
+from cft_adapters.recipe import Recipe, dump_recipe, format_loc
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TRAIN_STATS = "train.json"
+
+
+def unimplemented_features(recipe: Recipe) -> list[str]:
+    """Recipe keys that validate but whose feature has not landed yet."""
+    found = []
+    for i, phase in enumerate(recipe.phases):
+        if phase.placement is not None and phase.placement.strategy != "none":
+            found.append(f"phases[{i}].placement: layer placement is not implemented yet (tracked in its own issue)")
+        if phase.replay is not None:
+            found.append(f"phases[{i}].replay: replay is not implemented yet (tracked in its own issue)")
+    if recipe.eval.tasks:
+        found.append("eval.tasks: evaluation is not implemented yet (tracked in its own issue); use eval.tasks: []")
+    return found
+
+
+def phase_config_digest(recipe: Recipe, k: int) -> str:
+    """Everything that determines phase k's adapter: the model, the adapter, and phases 1..k."""
+    payload = {
+        "model": recipe.model.model_dump(mode="json"),
+        "adapter": recipe.adapter.model_dump(mode="json"),
+        "phases": [
+            {
+                **recipe.phases[i].model_dump(mode="json", exclude={"training"}),
+                "training": recipe.phase_training(i).model_dump(mode="json"),
+            }
+            for i in range(k)
+        ],
+    }
+    return hashlib.sha256(dumps_canonical(payload).encode()).hexdigest()[:16]
+
+
+def _adapter_complete(adapter_dir: Path) -> bool:
+    return all((adapter_dir / name).is_file() for name in ADAPTER_FILES)
+
+
+def _peak_memory_mb() -> tuple[float, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"  # Linux: KiB
+
+
+def _changed_keys(old: Any, new: Any, path: tuple[Any, ...] = ()) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _changed_keys(old.get(key), new.get(key), (*path, key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _changed_keys(a, b, (*path, i))]
+    return [] if old == new else [format_loc(path) or "(top level)"]
+
+
+@dataclass
+class _Model:
+    base: Any = None
+    tokenizer: Any = None
+    peft: Any = None
+
+
+class PhaseRunner:
+    """Runs a validated recipe into its run directory; resumable, never rewrites a finished phase."""
+
+    def __init__(self, recipe: Recipe, recipe_path: str, console: Console | None = None):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.console = console or Console()
+        self.run_dir = Path(recipe.output_dir)
+        self.model = _Model()
+        self.base_path: str | None = None
+        self.manifest: RunManifest | None = None
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _setup_run_dir(self) -> RunManifest:
+        problems = unimplemented_features(self.recipe)
+        if problems:
+            raise NotImplementedYet([f"{self.recipe_path}: {p}" for p in problems])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        old = RunManifest.read(self.run_dir) if (self.run_dir / "run.json").is_file() else None
+        records = []
+        for k in range(len(self.recipe.phases) + 1):
+            name = "base" if k == 0 else self.recipe.phases[k - 1].name
+            digest = None if k == 0 else phase_config_digest(self.recipe, k)
+            prior = old.phases[k] if old is not None and k < len(old.phases) else None
+            if prior is not None and prior.status == "done" and k > 0:
+                if prior.name != name or prior.config_digest != digest:
+                    raise RunError(self._mismatch_message(prior))
+                records.append(prior)
+            elif prior is not None and k == 0:
+                records.append(prior)
+            else:
+                records.append(PhaseRecord(index=k, name=name, config_digest=digest, status="done" if k == 0 else "pending"))
+        if old is not None:
+            for extra in old.phases[len(records):]:
+                if extra.status == "done":
+                    raise RunError(self._mismatch_message(extra))
+        manifest = RunManifest(
+            recipe=self.recipe_path,
+            base_model=self.recipe.model.name_or_path,
+            base_model_path=old.base_model_path if old else None,
+            seed=self.recipe.training.seed,
+            versions=package_versions(),
+            phases=records,
+        )
+        write_atomic(self.run_dir / RESOLVED_RECIPE, dump_recipe(self.recipe))
+        manifest.write(self.run_dir)
+        return manifest
+
+    def _mismatch_message(self, prior: PhaseRecord) -> str:
+        changed: list[str] = []
+        resolved = self.run_dir / RESOLVED_RECIPE
+        if resolved.is_file():
+            changed = _changed_keys(yaml.safe_load(resolved.read_text()), self.recipe.model_dump(mode="json"))
+        detail = f" (changed keys: {', '.join(changed[:8])})" if changed else ""
+        return (
+            f"{self.run_dir}: phase {prior.index} '{prior.name}' is finished there with a different recipe"
+            f"{detail}. A finished phase is never retrained in place: use a new output_dir "
+            f"(e.g. output_dir={self.run_dir}-2)."
+        )
+
+    def _ensure_base(self, gradient_checkpointing: bool) -> None:
+        if self.model.base is not None:
+            return
+        self.base_path = modeling.resolve_model_path(self.recipe.model)
+        self.console.print(f"[bold]loading base[/] {self.recipe.model.name_or_path} "
+                           f"({self.recipe.model.quantization}) from {self.base_path}")
+        self.model.tokenizer = modeling.load_tokenizer(self.recipe.model, self.base_path)
+        self.model.base = modeling.load_base_model(
+            self.recipe.model, self.base_path, gradient_checkpointing=gradient_checkpointing
+        )
+        assert self.manifest is not None
+        self.manifest.base_model_path = self.base_path
+        self.manifest.write(self.run_dir)
+
+    def _adapter_for_phase(self, k: int) -> str | None:
+        """Put phase k's starting adapter in place; return where it came from (None: fresh init)."""
+        training = self.recipe.phase_training(k - 1)
+        prev_dir = self.run_dir / self.manifest.phases[k - 1].dirname / "adapter" if k > 1 else None  # type: ignore[union-attr]
+        if prev_dir is None:
+            from transformers import set_seed
+
+            set_seed(training.seed)  # the LoRA init draws from torch's RNG
+            self.model.peft = modeling.new_adapter(self.model.base, self.recipe.adapter)
+            return None
+        if self.model.peft is None:
+            self.model.peft = modeling.load_adapter_for_training(self.model.base, prev_dir)
+        else:
+            modeling.load_adapter_weights(self.model.peft, prev_dir)
+        for name, param in self.model.peft.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+        return str(prev_dir.relative_to(self.run_dir))
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self) -> RunManifest:
+        self.manifest = self._setup_run_dir()
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=self.console,
+        )
+        with progress:
+            overall = progress.add_task("phases", total=len(self.recipe.phases), loss="")
+            for k in range(1, len(self.recipe.phases) + 1):
+                record = self.manifest.phases[k]
+                if record.status == "done":
+                    self.console.print(f"phase {k} '{record.name}': done, skipped")
+                else:
+                    self._run_phase(k, progress)
+                progress.update(overall, advance=1)
+        self.console.print(summary_table(self.manifest))
+        return self.manifest
+
+    def _run_phase(self, k: int, progress: Progress) -> None:
+        assert self.manifest is not None
+        record = self.manifest.phases[k]
+        phase_dir = self.run_dir / record.dirname
+        adapter_dir = phase_dir / "adapter"
+        if _adapter_complete(adapter_dir) and (phase_dir / TRAIN_STATS).is_file():
+            # The previous attempt saved the adapter but stopped before recording it.
+            self._mark_done(record, TrainStats.model_validate_json((phase_dir / TRAIN_STATS).read_text()), phase_dir)
+            self.console.print(f"phase {k} '{record.name}': adapter was already saved; recorded as done")
+            return
+        record.status, record.error = "running", None
+        self.manifest.write(self.run_dir)
+        try:
+            self._train_phase(k, record, phase_dir, progress)
+        except NonFiniteLossError as exc:
+            checkpoints = sorted((phase_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved before it"
+            self._fail(record, str(exc))
+            raise RunError(
+                f"phase {k} '{record.name}': {exc}; stopped, {kept}. Lower training.learning_rate (or raise "
+                f"max_grad_norm's strictness) and re-run with a new output_dir, or re-run as is to resume."
+            ) from None
+        except BaseException as exc:
+            self._fail(record, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _fail(self, record: PhaseRecord, message: str) -> None:
+        record.status, record.error = "failed", message
+        self.manifest.write(self.run_dir)  # type: ignore[union-attr]
+
+    def _train_phase(self, k: int, record: PhaseRecord, phase_dir: Path, progress: Progress) -> None:
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_utils import get_last_checkpoint
+        from trl import SFTTrainer
+
+        phase = self.recipe.phases[k - 1]
+        training = self.recipe.phase_training(k - 1)
+        data: PhaseData = load_phase_data(phase, k - 1, training.seed)
+        record.data = {
+            "examples": len(data.dataset),
+            "languages": data.languages,
+            "sources": [{"where": s.where, "source": s.source, "examples": s.examples} for s in data.sources],
+        }
+        self._ensure_base(training.gradient_checkpointing)
+        init_adapter = self._adapter_for_phase(k)
+        peft_model = self.model.peft
+        init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
+
+        trainer_dir = phase_dir / "trainer"
+        resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+        tokens_before = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
+        trainer = SFTTrainer(
+            model=peft_model,
+            args=sft_config(training, self.recipe.model, trainer_dir),
+            train_dataset=data.for_trainer(),
+            processing_class=self.model.tokenizer,
+            callbacks=[NonFiniteGuard(peft_model), RichProgressCallback(progress, f"phase {k} {phase.name}")],
+        )
+        trainer.remove_callback(PrinterCallback)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        if resume:
+            self.console.print(f"phase {k} '{phase.name}': resuming from {resume}")
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - started
+        peak, kind = _peak_memory_mb()
+
+        tokens = int(trainer.state.num_input_tokens_seen)
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        final = modeling.adapter_state(peft_model)
+        stats = TrainStats(
+            steps=trainer.state.global_step,
+            tokens=tokens,
+            seconds=round(seconds, 3),
+            tokens_per_second=round((tokens - tokens_before) / seconds, 1) if seconds > 0 else 0.0,
+            peak_memory_mb=round(peak, 1),
+            peak_memory_kind=kind,
+            trainable_parameters=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+            final_loss=float(losses[-1]) if losses else None,
+            resumed_from=str(Path(resume).relative_to(self.run_dir)) if resume else None,
+            init_adapter=init_adapter,
+            init_digest=init_digest,
+            final_digest=modeling.tensors_digest(final),
+        )
+        write_atomic(phase_dir / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
+        self._save_adapter_atomically(peft_model, phase_dir, stats)
+        shutil.rmtree(trainer_dir, ignore_errors=True)  # optimizer state is only needed to resume
+        self._mark_done(record, stats, phase_dir)
+
+    def _save_adapter_atomically(self, peft_model: Any, phase_dir: Path, stats: TrainStats) -> None:
+        """Write the adapter to a temporary folder, then rename it into place in one step."""
+        tmp = phase_dir / f".adapter.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        if modeling.adapter_file_digest(tmp) != stats.final_digest:
+            raise RunError(f"{tmp}: the saved adapter does not match the trained weights")
+        write_atomic(phase_dir / TRAIN_STATS, stats.model_dump_json(indent=2) + "\n")
+        os.rename(tmp, phase_dir / "adapter")
+
+    def _mark_done(self, record: PhaseRecord, stats: TrainStats, phase_dir: Path) -> None:
+        record.train = stats
+        record.checkpoint = str((phase_dir / "adapter").relative_to(self.run_dir))
+        record.status, record.error = "done", None
+        self.manifest.write(self.run_dir)  # type: ignore[union-attr]
+
+
+def summary_table(manifest: RunManifest) -> Table:
+    table = Table(title=f"run: {manifest.recipe}")
+    for col in ("phase", "status", "steps", "tokens", "sec", "tok/s", "peak MB", "loss"):
+        table.add_column(col, justify="left" if col in {"phase", "status"} else "right")
+    for rec in manifest.phases:
+        t = rec.train
+        cells = (
+            [str(t.steps), str(t.tokens), f"{t.seconds:.1f}", f"{t.tokens_per_second:.0f}", f"{t.peak_memory_mb:.0f}",
+             f"{t.final_loss:.3f}" if t.final_loss is not None else "-"]
+            if t else ["-"] * 6
+        )
+        table.add_row(f"{rec.index} {rec.name}", rec.status, *cells)
+    return table

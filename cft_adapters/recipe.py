@@ -1,0 +1,505 @@
+"""The recipe: one YAML file, one pydantic model tree, every error reported at once.
+
+Only this module and the CLI read YAML or argv. Everything below takes the typed `Recipe`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from cft_adapters.errors import RecipeError
+
+BUILTIN_PREFIX = "builtin:"
+_PHASE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# model / adapter / training / eval
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        description="Hub id, local directory, or 'builtin:tiny-mistral' (a tiny random model built "
+        "locally on first use; the embedded default)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    gguf_file: str | None = Field(
+        None,
+        description="GGUF file inside name_or_path. It is dequantized once into a cached plain "
+        "checkpoint, which is then loaded like any other (NF4 or not).",
+    )
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="'nf4': QLoRA base (bitsandbytes NF4, double quantization). 'none': plain weights."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype. 'auto': bfloat16 on a GPU that supports it, else float32."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention backend; None lets transformers choose."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off unless you trust the repository."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template used when the tokenizer has none (default: ChatML). "
+        "A tokenizer's own template always wins.",
+    )
+
+
+class AdapterConfig(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Module names that carry adapters, as a list (PEFT's layers_to_transform, used for "
+        "layer placement, needs a list, not 'all-linear').",
+    )
+
+
+class TrainingConfig(_Strict):
+    max_length: int = Field(1024, ge=8, description="Tokens per example after the chat template; longer ones are truncated.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"
+    ] = Field("cosine", description="Learning-rate schedule within a phase.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the phase's steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the phase's data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps for the phase; overrides num_train_epochs.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (non-reentrant).")
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
+        "adamw_torch", description="Optimizer."
+    )
+    seed: int = Field(42, description="Seed for adapter init, data shuffling and dropout.")
+    completion_only_loss: bool = Field(True, description="Loss on the answer tokens only, not on the prompt.")
+    logging_steps: int = Field(10, ge=1, description="Steps between loss logs.")
+    save_steps: int = Field(100, ge=1, description="Steps between resumable trainer checkpoints.")
+
+
+def _overrides_model(base: type[BaseModel], name: str) -> type[BaseModel]:
+    """The same fields as `base`, each optional with default None (per-phase overrides)."""
+    fields: dict[str, Any] = {}
+    for field_name, info in base.model_fields.items():
+        inner = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[field_name] = (
+            Optional[inner],
+            Field(None, description=f"Overrides training.{field_name} for this phase. {info.description}"),
+        )
+    return create_model(name, __base__=_Strict, **fields)
+
+
+TrainingOverrides = _overrides_model(TrainingConfig, "TrainingOverrides")
+
+
+class EvalConfig(_Strict):
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names scored after every phase.")
+    limit: float | None = Field(None, gt=0, description="Examples per task (an int), or a fraction below 1.")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None keeps each task's default.")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+class ColumnMap(_Strict):
+    prompt: str = Field(description="Column holding the user prompt.")
+    response: str = Field(description="Column holding the answer to learn.")
+    system: str | None = Field(None, description="Optional column holding a system prompt.")
+
+
+class DatasetSource(_Strict):
+    hub: str | None = Field(None, description="Hub dataset id, e.g. 'tatsu-lab/alpaca'. Exactly one of hub / path.")
+    path: str | None = Field(
+        None,
+        description="Local json/jsonl/parquet/csv file, relative to the recipe file, or 'builtin:<file>' "
+        "for data bundled with the package. Exactly one of hub / path.",
+    )
+    name: str | None = Field(None, description="Hub dataset config name.")
+    data_files: str | list[str] | None = Field(None, description="Hub data_files (e.g. one jsonl per language).")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    format: Literal["alpaca", "messages", "columns"] = Field(
+        "alpaca",
+        description="'alpaca': instruction/input/output. 'messages': a chat list whose last turn is the "
+        "assistant's answer. 'columns': explicit mapping in `columns`.",
+    )
+    columns: ColumnMap | None = Field(None, description="Column mapping, for format 'columns'.")
+    messages_column: str = Field("messages", description="Column holding the chat list, for format 'messages'.")
+    language: str | None = Field(None, description="Language tag for every example of this source (e.g. 'en').")
+    language_column: str | None = Field(None, description="Column holding each example's language tag.")
+    max_examples: int | None = Field(None, ge=1, description="Keep at most this many examples (seeded shuffle first).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Keep this share of the examples (seeded shuffle first).")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value.startswith(BUILTIN_PREFIX):
+            if value is not None and not builtin_data_path(value).is_file():
+                raise ValueError(f"no bundled data file '{value}' (available: {', '.join(list_builtin_data())})")
+            return value
+        base_dir = Path((info.context or {}).get("base_dir", "."))
+        resolved = (base_dir / value).expanduser().resolve() if not Path(value).is_absolute() else Path(value)
+        if not resolved.is_file():
+            raise ValueError(f"file not found: {resolved}")
+        if resolved.suffix not in {".json", ".jsonl", ".parquet", ".csv"}:
+            raise ValueError(f"expected a .json, .jsonl, .parquet or .csv file, got '{resolved.name}'")
+        return str(resolved)
+
+    @model_validator(mode="after")
+    def _one_source_one_tag(self) -> DatasetSource:
+        problems = []
+        if (self.hub is None) == (self.path is None):
+            problems.append("set exactly one of 'hub' and 'path'")
+        if (self.language is None) == (self.language_column is None):
+            problems.append("set exactly one of 'language' and 'language_column'")
+        if self.format == "columns" and self.columns is None:
+            problems.append("format 'columns' needs 'columns' (prompt, response)")
+        if self.format != "columns" and self.columns is not None:
+            problems.append(f"'columns' is only used with format 'columns', not '{self.format}'")
+        if self.max_examples is not None and self.fraction is not None:
+            problems.append("set at most one of 'max_examples' and 'fraction'")
+        if self.path is not None and (self.name or self.data_files or self.revision):
+            problems.append("'name', 'data_files' and 'revision' apply to 'hub' sources only")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def describe(self) -> str:
+        return self.hub if self.hub is not None else str(self.path)
+
+
+def builtin_data_path(value: str) -> Path:
+    """`builtin:smoke/en_tasks.jsonl` -> the file inside the installed package."""
+    return Path(__file__).parent / "data" / value.removeprefix(BUILTIN_PREFIX)
+
+
+def list_builtin_data() -> list[str]:
+    root = Path(__file__).parent / "data"
+    return sorted(BUILTIN_PREFIX + str(p.relative_to(root)) for p in root.rglob("*.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# placement and replay: validated here, implemented in their own modules
+# ---------------------------------------------------------------------------------------------
+
+
+class PlacementConfig(_Strict):
+    strategy: Literal["none", "explicit", "random", "most_changed", "spectrum"] = Field(
+        description="Which layers' adapters are frozen this phase: explicit indices, random (LF_H1), "
+        "most_changed (LF_H2), spectrum (lowest SNR), or none."
+    )
+    layers: str | list[int] | None = Field(None, description="explicit: layers to freeze, e.g. '0-7,12' or [0, 1].")
+    fraction: float | None = Field(None, gt=0, lt=1, description="Share of layers to freeze.")
+    count: int | None = Field(None, ge=1, description="Number of layers to freeze.")
+    modules: list[str] | None = Field(None, description="Restrict freezing to these module types.")
+    seed: int | None = Field(None, description="random: seed of the layer draw (default: training.seed).")
+    reference_phase: str | None = Field(
+        None, description="most_changed: the earlier phase whose adapter change ranks layers (default: previous)."
+    )
+
+
+class ReplayConfig(_Strict):
+    kind: Literal["generative", "real"] = Field(
+        description="'generative': the previous phase's model answers English prompts. 'real': real English examples."
+    )
+    ratio: float = Field(gt=0, lt=1, description="Share of this phase's training examples that are replay.")
+    prompts: DatasetSource | None = Field(None, description="generative: English prompts to answer.")
+    source: DatasetSource | None = Field(None, description="real: English examples (default: earlier phases' data).")
+    max_new_tokens: int = Field(256, ge=1, description="generative: answer length cap (greedy decoding).")
+    pool_size: int | Literal["auto"] = Field("auto", description="How many replay examples to prepare.")
+
+
+# ---------------------------------------------------------------------------------------------
+# phases and the recipe
+# ---------------------------------------------------------------------------------------------
+
+
+class PhaseConfig(_Strict):
+    name: str = Field(pattern=_PHASE_NAME, description="Phase name: lowercase letters, digits, '_' or '-'.")
+    datasets: list[DatasetSource] = Field(min_length=1, description="Data sources of this phase, concatenated.")
+    training: TrainingOverrides = Field(  # type: ignore[valid-type]
+        default_factory=TrainingOverrides, description="Overrides of the recipe's training defaults."
+    )
+    placement: PlacementConfig | None = Field(None, description="Layer freezing through adapter placement.")
+    replay: ReplayConfig | None = Field(None, description="Replay mixed into this phase's batches.")
+
+
+class Recipe(_Strict):
+    description: str | None = Field(None, description="What this recipe is for.")
+    output_dir: str = Field(description="Run directory (default: runs/<recipe file stem>).")
+    model: ModelConfig = Field(description="The base model.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="The LoRA adapter carried across phases.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training defaults for every phase.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after phase 0 and every phase.")
+    phases: list[PhaseConfig] = Field(min_length=1, description="Training phases in order (phase 0, the base, is implicit).")
+
+    def phase_training(self, index: int) -> TrainingConfig:
+        """Effective training config of phases[index]: defaults with that phase's overrides."""
+        overrides = self.phases[index].training.model_dump(exclude_none=True)
+        return TrainingConfig.model_validate({**self.training.model_dump(), **overrides})
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        """Rules that span keys. Each problem is (dotted key path, message)."""
+        problems: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        for i, phase in enumerate(self.phases):
+            if phase.name in seen:
+                problems.append(
+                    (f"phases[{i}].name", f"duplicate phase name '{phase.name}' (also phases[{seen[phase.name]}].name)")
+                )
+            seen.setdefault(phase.name, i)
+            ref = phase.placement.reference_phase if phase.placement else None
+            if ref is not None and seen.get(ref, i) >= i:
+                problems.append(
+                    (f"phases[{i}].placement.reference_phase", f"'{ref}' must name an earlier phase of this recipe")
+                )
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# loading: YAML, extends, overrides, validation with key paths
+# ---------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge (`extends`), override and validate a recipe. Raises RecipeError listing every problem."""
+    path = Path(path)
+    raw = _read_with_extends(path, chain=())
+    problems = []
+    for override in overrides:
+        try:
+            apply_override(raw, override)
+        except ValueError as exc:
+            problems.append(f"{path}: override '{override}': {exc}")
+    if problems:
+        raise RecipeError(problems)
+    raw.setdefault("output_dir", str(Path("runs") / path.stem))
+    return validate_recipe(raw, source=str(path), base_dir=path.parent)
+
+
+def validate_recipe(raw: dict[str, Any], *, source: str, base_dir: Path) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(exc, raw, source)) from None
+    cross = recipe.cross_field_problems()
+    if cross:
+        raise RecipeError([f"{source}: {loc}: {msg}" for loc, msg in cross])
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"{path}: recipe file not found"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([f"{path}: not valid YAML{where}: {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: expected a mapping of recipe keys at the top level, got {type(data).__name__}"])
+    return data
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise RecipeError([f"{path}: extends: cycle {cycle}"])
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError([f"{path}: extends: expected a path to another recipe, got {parent!r}"])
+    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if not parent_path.is_file():
+        raise RecipeError([f"{path}: extends: recipe file not found: {parent_path}"])
+    return deep_merge(_read_with_extends(parent_path, (*chain, resolved)), data)
+
+
+def deep_merge(base: Any, child: Any) -> Any:
+    """Child wins. Mappings merge key by key. Lists of mappings that all carry a 'name' (phases) merge
+    by name, keeping the base order and appending new names; any other list is replaced whole."""
+    if isinstance(base, dict) and isinstance(child, dict):
+        merged = dict(base)
+        for key, value in child.items():
+            merged[key] = deep_merge(base[key], value) if key in base else value
+        return merged
+    if _named_list(base) and _named_list(child):
+        merged_list = list(base)
+        index = {item["name"]: i for i, item in enumerate(base)}
+        for item in child:
+            if item["name"] in index:
+                merged_list[index[item["name"]]] = deep_merge(base[index[item["name"]]], item)
+            else:
+                merged_list.append(item)
+        return merged_list
+    return child
+
+
+def _named_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
+
+
+_OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*)=(?P<value>.*)$", re.S)
+_SEGMENT = re.compile(r"\.?([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    match = _OVERRIDE.match(text)
+    if not match:
+        raise ValueError("expected key.path=value, e.g. phases[1].training.learning_rate=1e-4")
+    segments: list[str | int] = [
+        name if name else int(index) for name, index in _SEGMENT.findall(match.group("key"))
+    ]
+    try:
+        value = yaml.safe_load(match.group("value")) if match.group("value") != "" else None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"value is not valid YAML: {exc}") from None
+    return segments, value
+
+
+def apply_override(raw: dict[str, Any], text: str) -> None:
+    segments, value = parse_override(text)
+    node: Any = raw
+    for depth, segment in enumerate(segments[:-1]):
+        nxt = segments[depth + 1]
+        where = format_loc(segments[: depth + 1])
+        if isinstance(segment, int):
+            if not isinstance(node, list) or segment >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise ValueError(f"{where}: index out of range (the list has {size} items)")
+            if node[segment] is None:
+                node[segment] = [] if isinstance(nxt, int) else {}
+            node = node[segment]
+        else:
+            if not isinstance(node, dict):
+                raise ValueError(f"{where}: cannot set a key inside a {type(node).__name__}")
+            if node.get(segment) is None:
+                if isinstance(nxt, int):
+                    raise ValueError(f"{where}: no list here to index")
+                node[segment] = {}
+            node = node[segment]
+    last = segments[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ValueError(f"{format_loc(segments)}: index out of range")
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ValueError(f"{format_loc(segments[:-1])}: cannot set a key inside a {type(node).__name__}")
+        node[last] = value
+
+
+def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_validation_error(exc: ValidationError, raw: dict[str, Any], source: str) -> list[str]:
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = _clean_loc(err["loc"])
+        where = format_loc(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = allowed_keys(loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key; " + (f"did you mean '{hint[0]}'? " if hint else "") + f"allowed: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = _short(err.get("input"))
+            if got is not None and err["type"] not in {"value_error"}:
+                msg += f", got {got}"
+        line = f"{source}: {where}: {msg}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop pydantic's union-member segments ('str', 'list[int]', 'literal[...]')."""
+    cleaned = []
+    for part in loc:
+        if isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or part.startswith("function-")):
+            continue
+        cleaned.append(part)
+    return tuple(cleaned)
+
+
+def _short(value: Any) -> str | None:
+    if isinstance(value, (dict, list)) and len(repr(value)) > 60:
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at `loc` accepts, found by walking the schema."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        model = _model_of(model.model_fields[part].annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _model_of(annotation: Any) -> Any:
+    """The BaseModel inside Optional[...] / list[...], if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, list, getattr(__import__("types"), "UnionType", Union)):
+        for arg in get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()
