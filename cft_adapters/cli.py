@@ -10,7 +10,7 @@ import warnings
 
 from rich.console import Console
 
-from cft_adapters.errors import CftError
+from cft_adapters.errors import CftError, DataError
 
 USAGE_EPILOG = """examples:
   cft-train recipes/smoke.yaml
@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
         PhaseRunner(recipe, args.recipe, console).run()
         return 0
+    except DataError as exc:  # raised with key paths; name the recipe file too
+        for line in exc.problems:
+            err.print(f"{args.recipe}: {line}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
     except CftError as exc:
         for line in exc.problems:
             err.print(line, markup=False, highlight=False, soft_wrap=True)

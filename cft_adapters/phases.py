@@ -76,6 +76,24 @@ def _adapter_complete(adapter_dir: Path) -> bool:
     return all((adapter_dir / name).is_file() for name in ADAPTER_FILES)
 
 
+def last_complete_checkpoint(trainer_dir: Path) -> str | None:
+    """The newest trainer checkpoint whose trainer_state.json (written last) parses; a checkpoint
+    cut short by a kill is passed over."""
+    if not trainer_dir.is_dir():
+        return None
+    steps = []
+    for path in trainer_dir.glob("checkpoint-*"):
+        if path.name.removeprefix("checkpoint-").isdigit():
+            steps.append((int(path.name.removeprefix("checkpoint-")), path))
+    for _, path in sorted(steps, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(path)
+    return None
+
+
 def _peak_memory_mb() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
@@ -131,6 +149,11 @@ class PhaseRunner:
                 records.append(prior)
             elif prior is not None and k == 0:
                 records.append(prior)
+            elif prior is not None and prior.config_digest != digest and last_complete_checkpoint(self._trainer_dir(prior)):
+                # Checkpoints of an unfinished phase whose settings changed belong to another config.
+                shutil.rmtree(self._trainer_dir(prior))
+                self.console.print(f"phase {k} '{name}': settings changed; its trainer checkpoints were discarded")
+                records.append(PhaseRecord(index=k, name=name, config_digest=digest))
             else:
                 records.append(PhaseRecord(index=k, name=name, config_digest=digest, status="done" if k == 0 else "pending"))
         if old is not None:
@@ -148,6 +171,9 @@ class PhaseRunner:
         write_atomic(self.run_dir / RESOLVED_RECIPE, dump_recipe(self.recipe))
         manifest.write(self.run_dir)
         return manifest
+
+    def _trainer_dir(self, record: PhaseRecord) -> Path:
+        return self.run_dir / record.dirname / "trainer"
 
     def _mismatch_message(self, prior: PhaseRecord) -> str:
         changed: list[str] = []
@@ -229,12 +255,13 @@ class PhaseRunner:
         try:
             self._train_phase(k, record, phase_dir, progress)
         except NonFiniteLossError as exc:
-            checkpoints = sorted((phase_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-            kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved before it"
+            last = last_complete_checkpoint(phase_dir / "trainer")
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
             self._fail(record, str(exc))
             raise RunError(
-                f"phase {k} '{record.name}': {exc}; stopped, {kept}. Lower training.learning_rate (or raise "
-                f"max_grad_norm's strictness) and re-run with a new output_dir, or re-run as is to resume."
+                f"phase {k} '{record.name}': {exc}; stopped, {kept}. Re-running the same command resumes from "
+                f"it. To retrain the phase instead, change its training (e.g. a lower learning_rate) and re-run: "
+                f"a changed phase starts over from phase {k - 1}'s adapter, and finished phases are kept."
             ) from None
         except BaseException as exc:
             self._fail(record, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
@@ -246,7 +273,6 @@ class PhaseRunner:
 
     def _train_phase(self, k: int, record: PhaseRecord, phase_dir: Path, progress: Progress) -> None:
         from transformers.trainer_callback import PrinterCallback
-        from transformers.trainer_utils import get_last_checkpoint
         from trl import SFTTrainer
 
         phase = self.recipe.phases[k - 1]
@@ -262,8 +288,8 @@ class PhaseRunner:
         peft_model = self.model.peft
         init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
 
-        trainer_dir = phase_dir / "trainer"
-        resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+        trainer_dir = self._trainer_dir(record)
+        resume = last_complete_checkpoint(trainer_dir)
         tokens_before = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
         trainer = SFTTrainer(
             model=peft_model,

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cft_adapters.data import SourceSummary, preview_source
-from cft_adapters.errors import CftError, DataError
+from cft_adapters.errors import DataError
 from cft_adapters.phases import unimplemented_features
 from cft_adapters.recipe import Recipe, TrainingConfig
 
@@ -33,13 +33,13 @@ def check_data(recipe: Recipe) -> dict[int, list[SourceSummary]]:
 
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
-    problems = [f"{recipe_path}: {p}" for p in unimplemented_features(recipe)]
+    problems = unimplemented_features(recipe)
     try:
         sources = check_data(recipe)
     except DataError as exc:
-        raise CftError(problems + exc.problems) from None
+        raise DataError(problems + exc.problems) from None
     if problems:
-        raise CftError(problems)
+        raise DataError(problems)
 
     m = recipe.model
     console.print(f"[bold]recipe[/] {recipe_path}  ->  output_dir {recipe.output_dir}")

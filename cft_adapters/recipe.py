@@ -389,7 +389,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     try:
         value = yaml.safe_load(match.group("value")) if match.group("value") != "" else None
     except yaml.YAMLError as exc:
-        raise ValueError(f"value is not valid YAML: {exc}") from None
+        raise ValueError(f"value is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     return segments, value
 
 

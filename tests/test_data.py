@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cft_adapters.data import load_phase_data, preview_source
+from cft_adapters.errors import DataError
+from cft_adapters.recipe import DatasetSource, PhaseConfig
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _phase(*sources: dict) -> PhaseConfig:
+    return PhaseConfig.model_validate({"name": "p", "datasets": list(sources)})
+
+
+def test_alpaca_with_and_without_input(tmp_path) -> None:
+    path = _jsonl(tmp_path / "a.jsonl", [
+        {"instruction": "Add.", "input": "2 + 2", "output": "4"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi."},
+    ])
+    data = load_phase_data(_phase({"path": path, "language": "en"}), 0, seed=0)
+    rows = sorted(data.dataset, key=lambda r: r["completion"][0]["content"])
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Add.\n\n2 + 2"}]
+    assert rows[0]["completion"] == [{"role": "assistant", "content": "4"}]
+    assert rows[1]["prompt"] == [{"role": "user", "content": "Say hi."}]
+    assert data.languages == {"en": 2}
+    assert data.for_trainer().column_names == ["prompt", "completion"]
+
+
+def test_messages_with_language_column_and_system_turn(tmp_path) -> None:
+    path = _jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": "Salut ?"},
+                      {"role": "assistant", "content": "Salut !"}], "lang": "fr"},
+        {"messages": [{"role": "user", "content": "Hallo?"}, {"role": "assistant", "content": "Hallo!"}], "lang": "de"},
+    ])
+    data = load_phase_data(_phase({"path": path, "format": "messages", "language_column": "lang"}), 0, seed=0)
+    assert data.languages == {"de": 1, "fr": 1}
+    fr = next(r for r in data.dataset if r["language"] == "fr")
+    assert [m["role"] for m in fr["prompt"]] == ["system", "user"]
+    assert fr["completion"][0]["content"] == "Salut !"
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_column_mapping_from_csv_and_parquet(tmp_path, suffix) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"q": ["Q1", "Q2", "Q3"], "a": ["A1", "A2", "A3"], "l": ["es", "es", "pt"]})
+    path = tmp_path / f"d.{suffix}"
+    frame.to_csv(path, index=False) if suffix == "csv" else frame.to_parquet(path)
+    src = {"path": str(path), "format": "columns", "columns": {"prompt": "q", "response": "a"}, "language_column": "l"}
+    data = load_phase_data(_phase(src), 0, seed=0)
+    assert data.languages == {"es": 2, "pt": 1}
+    assert {r["completion"][0]["content"] for r in data.dataset} == {"A1", "A2", "A3"}
+
+
+def test_max_examples_fraction_and_seeded_shuffle(tmp_path) -> None:
+    path = _jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(50)])
+    pick = lambda seed, **kw: [r["prompt"][0]["content"] for r in  # noqa: E731
+                               load_phase_data(_phase({"path": path, "language": "en", **kw}), 0, seed).dataset]
+    assert len(pick(1, max_examples=7)) == 7
+    assert len(pick(1, fraction=0.2)) == 10
+    assert pick(1, max_examples=7) == pick(1, max_examples=7)
+    assert set(pick(1, max_examples=7)) != set(pick(2, max_examples=7))
+
+
+def test_two_sources_keep_their_language_tags(tmp_path) -> None:
+    en = _jsonl(tmp_path / "en.jsonl", [{"instruction": "a", "output": "b"}] * 3)
+    es = _jsonl(tmp_path / "es.jsonl", [{"instruction": "c", "output": "d"}] * 2)
+    data = load_phase_data(_phase({"path": en, "language": "en"}, {"path": es, "language": "es"}), 0, seed=0)
+    assert data.languages == {"en": 3, "es": 2}
+    assert [s.examples for s in data.sources] == [3, 2]
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match=r"phases\[0\]\.datasets\[0\]: .*empty"):
+        load_phase_data(_phase({"path": str(path), "language": "en"}), 0, seed=0)
+
+
+def test_wrong_format_messages_last_turn(tmp_path) -> None:
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}])
+    src = DatasetSource(path=path, format="messages", language="fr")
+    with pytest.raises(DataError, match="the last message must be the assistant's answer"):
+        preview_source(src, "phases[1].datasets[0]")
+
+
+def test_non_text_answer_names_row_and_column(tmp_path) -> None:
+    path = _jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "output": "ok"}, {"instruction": "q", "output": None}])
+    with pytest.raises(DataError, match=r"row \d+: column 'output': expected text, got NoneType"):
+        load_phase_data(_phase({"path": path, "language": "en"}), 0, seed=0)
+
+
+def test_preview_counts_local_rows(tmp_path) -> None:
+    path = _jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(12)])
+    summary = preview_source(DatasetSource(path=path, language="en", max_examples=5), "phases[0].datasets[0]")
+    assert summary.examples == 5
+    assert summary.preview[0]["prompt"][0]["content"] == "q0"
+
+
+def test_hub_source_offline_is_a_clear_error() -> None:
+    src = DatasetSource(hub="tatsu-lab/alpaca", language="en")
+    with pytest.raises(DataError, match=r"phases\[0\]\.datasets\[0\]: cannot read tatsu-lab/alpaca: .*network"):
+        preview_source(src, "phases[0].datasets[0]")

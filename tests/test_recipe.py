@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cft_adapters.cli import main
+from cft_adapters.errors import RecipeError
+from cft_adapters.recipe import Recipe, deep_merge, load_recipe, parse_override
+
+from conftest import REPO, SMOKE
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
+def test_every_shipped_recipe_validates(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe) and recipe.phases
+
+
+def _write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """\
+output_dir: {out}
+model: {{name_or_path: "builtin:tiny-mistral"}}
+phases:
+  - name: english
+    datasets: [{{path: "builtin:smoke/en_tasks.jsonl", language: en}}]
+"""
+
+
+def _run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"model.quantisation": "nf4"}, "model.quantisation: unknown key; did you mean 'quantization'?"),
+        ({"adapter.r": "sixteen"}, "adapter.r: Input should be a valid integer"),
+        ({"training.learning_rate": -1}, "training.learning_rate: Input should be greater than 0, got -1"),
+        ({"adapter.dropout": 1.5}, "adapter.dropout: Input should be less than 1, got 1.5"),
+        ({"phases[0].datasets[0].path": "missing.jsonl"}, "phases[0].datasets[0].path: file not found:"),
+    ],
+)
+def test_malformed_recipe_names_file_and_key_path(tmp_path, capsys, edit, expected) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    overrides = [f"{k}={v}" for k, v in edit.items()]
+    code, output = _run_cli(capsys, [str(path), *overrides, "--dry-run"])
+    assert code == 2
+    assert f"{path}: {expected}" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_problems_are_reported_at_once(tmp_path, capsys) -> None:
+    text = BASE.format(out=tmp_path / "out") + """\
+  - name: english
+    datasets: [{path: "builtin:smoke/en_tasks.jsonl"}]
+adapter: {r: 0, alpha: -1}
+"""
+    code, output = _run_cli(capsys, [str(_write(tmp_path, text))])
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2
+    assert any("adapter.r:" in line for line in lines)
+    assert any("adapter.alpha:" in line for line in lines)
+    assert any("phases[1].datasets[0]: set exactly one of 'language' and 'language_column'" in line for line in lines)
+
+
+def test_duplicate_phase_name(tmp_path, capsys) -> None:
+    text = BASE.format(out=tmp_path / "out") + """\
+  - name: english
+    datasets: [{path: "builtin:smoke/en_tasks.jsonl", language: en}]
+"""
+    code, output = _run_cli(capsys, [str(_write(tmp_path, text)), "--dry-run"])
+    assert code == 2
+    assert "phases[1].name: duplicate phase name 'english' (also phases[0].name)" in output
+
+
+def test_missing_column_fails_at_dry_run(tmp_path, capsys) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "hi", "answer": "hello"}) + "\n")
+    text = BASE.format(out=tmp_path / "out").replace('"builtin:smoke/en_tasks.jsonl"', "d.jsonl")
+    code, output = _run_cli(capsys, [str(_write(tmp_path, text)), "--dry-run"])
+    assert code == 2
+    assert "phases[0].datasets[0]:" in output and "missing column 'output' for format 'alpaca'" in output
+    assert "(found: instruction, answer)" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("training.learning_rate", "expected key.path=value"),
+        ("phases[0]name=x", "expected key.path=value"),
+        ("phases[4].name=x", "phases[4]: index out of range (the list has 1 items)"),
+        ("training.learning_rate=[", "value is not valid YAML"),
+    ],
+)
+def test_bad_override_syntax(tmp_path, capsys, override, expected) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    code, output = _run_cli(capsys, [str(path), override, "--dry-run"])
+    assert code == 2
+    assert f"{path}: override '{override}': {expected}" in output
+
+
+def test_unknown_flag_is_an_error(tmp_path, capsys) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--frobnicate"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+
+def test_overrides_are_revalidated(tmp_path) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    recipe = load_recipe(path, ["training.learning_rate=1e-4", "phases[0].training.max_steps=3"])
+    assert recipe.training.learning_rate == pytest.approx(1e-4)
+    assert recipe.phase_training(0).max_steps == 3
+    assert recipe.phase_training(0).learning_rate == pytest.approx(1e-4)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, ["phases[0].training.max_steps=0"])
+    assert "phases[0].training.max_steps: Input should be greater than or equal to 1, got 0" in str(exc.value)
+
+
+def test_extends_deep_merges_and_merges_phases_by_name(tmp_path) -> None:
+    _write(tmp_path, BASE.format(out=tmp_path / "out") + """\
+  - name: french
+    datasets: [{path: "builtin:smoke/multi_fr_de.jsonl", format: messages, language_column: lang}]
+training: {learning_rate: 1.0e-3, max_length: 128}
+""", "base.yaml")
+    child = _write(tmp_path, """\
+extends: base.yaml
+training: {learning_rate: 5.0e-4}
+phases:
+  - name: french
+    training: {num_train_epochs: 2}
+""", "child.yaml")
+    recipe = load_recipe(child)
+    assert recipe.training.learning_rate == pytest.approx(5e-4)
+    assert recipe.training.max_length == 128
+    assert [p.name for p in recipe.phases] == ["english", "french"]
+    assert recipe.phase_training(1).num_train_epochs == 2
+    assert recipe.phases[1].datasets[0].format == "messages"
+
+
+def test_extends_cycle_is_reported(tmp_path) -> None:
+    _write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    _write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(RecipeError, match="extends: cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_default_output_dir_is_runs_stem(tmp_path) -> None:
+    text = BASE.format(out="x").replace("output_dir: x\n", "")
+    assert load_recipe(_write(tmp_path, text, "my_recipe.yaml")).output_dir == str(Path("runs") / "my_recipe")
+
+
+def test_schema_export(capsys) -> None:
+    assert main(["--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["additionalProperties"] is False
+    assert {"model", "adapter", "training", "eval", "phases"} <= set(schema["properties"])
+    for name, model in schema["$defs"].items():
+        for field, spec in model.get("properties", {}).items():
+            assert spec.get("description"), f"{name}.{field} has no description"
+
+
+def test_parse_override_types() -> None:
+    assert parse_override("phases[1].training.learning_rate=1e-4") == (["phases", 1, "training", "learning_rate"], "1e-4")
+    assert parse_override("adapter.target_modules=[q_proj, v_proj]")[1] == ["q_proj", "v_proj"]
+
+
+def test_deep_merge_replaces_plain_lists() -> None:
+    assert deep_merge({"a": [1, 2], "b": {"c": 1}}, {"a": [3], "b": {"d": 2}}) == {"a": [3], "b": {"c": 1, "d": 2}}
+
+
+def test_smoke_recipe_loads_with_builtin_paths() -> None:
+    recipe = load_recipe(SMOKE)
+    assert recipe.model.name_or_path == "builtin:tiny-mistral"
+    assert recipe.model.trust_remote_code is False
+
