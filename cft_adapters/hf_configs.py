@@ -80,5 +80,5 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         fp16=dtype == torch.float16,
         report_to="none",
         disable_tqdm=True,  # progress is drawn by cft_adapters.progress
-        dataset_num_proc=None,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )

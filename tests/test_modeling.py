@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cft_adapters.errors import CftError
+from cft_adapters.modeling import (
+    adapter_state,
+    load_adapter_weights,
+    load_base_model,
+    load_tokenizer,
+    new_adapter,
+    resolve_model_path,
+    tensors_digest,
+)
+from cft_adapters.recipe import AdapterConfig, ModelConfig
+from cft_adapters.tiny import CHATML_TEMPLATE, builtin_model_path
+
+
+def test_builtin_model_is_cached(tiny_model_path: Path) -> None:
+    stamp = (tiny_model_path / "model.safetensors").stat().st_mtime_ns
+    assert builtin_model_path("tiny-mistral") == tiny_model_path
+    assert (tiny_model_path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resolve_model_path(ModelConfig(name_or_path="builtin:tiny-mistral")) == str(tiny_model_path)
+
+
+def test_unknown_builtin_model() -> None:
+    with pytest.raises(CftError, match="unknown builtin model 'builtin:nope'"):
+        resolve_model_path(ModelConfig(name_or_path="builtin:nope"))
+
+
+def test_tokenizer_trained_on_bundled_text_round_trips_accents(tiny_model_path: Path) -> None:
+    tok = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-mistral"), str(tiny_model_path))
+    text = "Où est la bibliothèque ? Straße, größer."
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_fallback_when_tokenizer_has_none(tmp_path: Path, tiny_model_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    assert not AutoTokenizer.from_pretrained(tmp_path).chat_template
+    assert load_tokenizer(ModelConfig(name_or_path=str(tmp_path)), str(tmp_path)).chat_template == CHATML_TEMPLATE
+    custom = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    cfg = ModelConfig(name_or_path=str(tmp_path), chat_template=custom)
+    assert load_tokenizer(cfg, str(tmp_path)).chat_template == custom
+
+
+def test_nf4_base_on_cpu_forward_and_backward(tiny_model_path: Path) -> None:
+    cfg = ModelConfig(name_or_path="builtin:tiny-mistral", quantization="nf4")
+    base = load_base_model(cfg, str(tiny_model_path))
+    layer = base.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "Linear4bit"
+    model = new_adapter(base, AdapterConfig(r=4, alpha=8))
+    out = model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]]))
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_plain_precision_base(tiny_model_path: Path) -> None:
+    base = load_base_model(ModelConfig(name_or_path="builtin:tiny-mistral", quantization="none"), str(tiny_model_path))
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert base.dtype == torch.float32
+
+
+def test_missing_local_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CftError, match="model.name_or_path: cannot load"):
+        load_base_model(ModelConfig(name_or_path=str(tmp_path / "nope")), str(tmp_path / "nope"))
+
+
+def test_load_adapter_weights_restores_saved_adapter(tmp_path: Path, tiny_model_path: Path) -> None:
+    base = load_base_model(ModelConfig(name_or_path="builtin:tiny-mistral", quantization="none"), str(tiny_model_path))
+    model = new_adapter(base, AdapterConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.save_pretrained(tmp_path / "a")
+    saved = tensors_digest(adapter_state(model))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.zero_()
+    assert tensors_digest(adapter_state(model)) != saved
+    load_adapter_weights(model, tmp_path / "a")
+    assert tensors_digest(adapter_state(model)) == saved
