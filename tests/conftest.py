@@ -34,3 +34,18 @@ def smoke_run(tmp_path_factory, tiny_model_path) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "run"
     assert main([str(SMOKE), f"output_dir={out}"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF, fetched by `python -m cft_adapters.fetch smollm2` (.ci/run does)."""
+    from cft_adapters.fetch import wheel_model_file
+
+    target = wheel_model_file("smollm2")
+    if not target.is_file():
+        user_copy = Path.home() / ".cache" / "cft_adapters" / target.relative_to(Path(os.environ["CFT_CACHE_DIR"]))
+        if not user_copy.is_file():
+            pytest.skip("SmolLM2 GGUF not fetched; run: python -m cft_adapters.fetch smollm2")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(user_copy)
+    return target

