@@ -48,7 +48,15 @@ class PhaseRecord(BaseModel):
     train: TrainStats | None = None
     placement: dict[str, Any] | None = None
     replay: dict[str, Any] | None = None
-    eval: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="{task_or_group: {metric: value}}, merged over every scoring."
+    )
+    eval_status: Literal["pending", "done", "failed", "skipped"] = "pending"
+    eval_error: str | None = None
+    eval_groups: dict[str, list[str]] = Field(default_factory=dict, description="lm-eval's group -> member tasks.")
+    eval_seconds: float | None = None
+    eval_tasks: list[str] = Field(default_factory=list, description="The eval.tasks that were scored.")
+    eval_files: list[str] = Field(default_factory=list, description="lm-eval results files written for this phase.")
     error: str | None = None
 
     @property
@@ -63,6 +71,7 @@ class RunManifest(BaseModel):
     base_model: str
     base_model_path: str | None = None
     seed: int
+    eval_base_precision: str | None = Field(None, description="Precision of the base the adapters were scored on.")
     versions: dict[str, str]
     phases: list[PhaseRecord]
 

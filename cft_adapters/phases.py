@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cft_adapters import modeling
+from cft_adapters import modeling, report
 from cft_adapters.callbacks import NonFiniteGuard, NonFiniteLossError, RichProgressCallback
 from cft_adapters.data import PhaseData, load_phase_data
 from cft_adapters.errors import NotImplementedYet, RunError
+from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
 from cft_adapters.hf_configs import sft_config
 from cft_adapters.manifest import (
     RESOLVED_RECIPE,
@@ -51,8 +52,6 @@ def unimplemented_features(recipe: Recipe) -> list[str]:
             found.append(f"phases[{i}].placement: layer placement is not implemented yet (tracked in its own issue)")
         if phase.replay is not None:
             found.append(f"phases[{i}].replay: replay is not implemented yet (tracked in its own issue)")
-    if recipe.eval.tasks:
-        found.append("eval.tasks: evaluation is not implemented yet (tracked in its own issue); use eval.tasks: []")
     return found
 
 
@@ -127,6 +126,7 @@ class PhaseRunner:
         self.console = console or Console()
         self.run_dir = Path(recipe.output_dir)
         self.model = _Model()
+        self._eval_scorer: CheckpointScorer | None = None
         self.base_path: str | None = None
         self.manifest: RunManifest | None = None
 
@@ -136,6 +136,8 @@ class PhaseRunner:
         problems = unimplemented_features(self.recipe)
         if problems:
             raise NotImplementedYet([f"{self.recipe_path}: {p}" for p in problems])
+        if self.recipe.eval.tasks:
+            check_eval_tasks(self.recipe.eval, self.recipe_path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         old = RunManifest.read(self.run_dir) if (self.run_dir / "run.json").is_file() else None
         records = []
@@ -165,6 +167,7 @@ class PhaseRunner:
             base_model=self.recipe.model.name_or_path,
             base_model_path=old.base_model_path if old else None,
             seed=self.recipe.training.seed,
+            eval_base_precision=self.recipe.eval.base_precision or training_precision(self.recipe.model),
             versions=package_versions(),
             phases=records,
         )
@@ -230,15 +233,55 @@ class PhaseRunner:
         )
         with progress:
             overall = progress.add_task("phases", total=len(self.recipe.phases), loss="")
+            self._maybe_evaluate(0)
             for k in range(1, len(self.recipe.phases) + 1):
                 record = self.manifest.phases[k]
                 if record.status == "done":
                     self.console.print(f"phase {k} '{record.name}': done, skipped")
                 else:
                     self._run_phase(k, progress)
+                self._maybe_evaluate(k)
                 progress.update(overall, advance=1)
         self.console.print(summary_table(self.manifest))
+        if self.recipe.eval.tasks:
+            self.console.print(report.rich_table(self.manifest, self.recipe.eval.tasks))
+            path = report.write_report(self.run_dir, self.manifest, self.recipe.eval.tasks)
+            self.console.print(f"report: {path}")
         return self.manifest
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _maybe_evaluate(self, k: int) -> None:
+        """Score phase k (0: the base) unless it is scored already or the recipe asks for nothing."""
+        assert self.manifest is not None
+        record = self.manifest.phases[k]
+        if not self.recipe.eval.tasks:
+            record.eval_status = "skipped"
+            self.manifest.write(self.run_dir)
+            return
+        if record.eval_status == "done" and set(self.recipe.eval.tasks) <= set(record.eval_tasks):
+            return
+        adapter_dir = self.run_dir / record.checkpoint if record.checkpoint else None
+        self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(self.recipe.eval.tasks)}")
+        scorer = self._scorer(adapter_dir)
+        record_evaluation(self.manifest, record, scorer, adapter_dir, self.run_dir, self.console)
+
+    def _scorer(self, adapter_dir: Path | None) -> CheckpointScorer:
+        """Score on the training base in memory, or on a second base when eval.base_precision differs."""
+        precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
+        if precision != training_precision(self.recipe.model):
+            if self._eval_scorer is None:
+                cfg = eval_model_config(self.recipe.model, precision)
+                path = modeling.resolve_model_path(cfg)
+                self.console.print(f"[bold]loading eval base[/] at {precision}")
+                self._eval_scorer = CheckpointScorer(
+                    self.recipe.eval, modeling.load_tokenizer(cfg, path), modeling.load_base_model(cfg, path)
+                )
+            return self._eval_scorer
+        self._ensure_base(self.recipe.phase_training(0).gradient_checkpointing)
+        if adapter_dir is not None and self.model.peft is None:
+            self.model.peft = modeling.load_adapter_for_training(self.model.base, adapter_dir)
+        return CheckpointScorer(self.recipe.eval, self.model.tokenizer, self.model.base, self.model.peft)
 
     def _run_phase(self, k: int, progress: Progress) -> None:
         assert self.manifest is not None
@@ -345,6 +388,29 @@ class PhaseRunner:
         record.checkpoint = str((phase_dir / "adapter").relative_to(self.run_dir))
         record.status, record.error = "done", None
         self.manifest.write(self.run_dir)  # type: ignore[union-attr]
+
+
+def record_evaluation(
+    manifest: RunManifest, record: PhaseRecord, scorer: CheckpointScorer, adapter_dir: Path | None,
+    run_dir: Path, console: Console,
+) -> None:
+    """Score one checkpoint into phase_k_<name>/eval/ and run.json. A failing task marks the
+    phase's evaluation failed (the adapter is untouched; `cft-eval` can retry)."""
+    try:
+        outcome = scorer.score(adapter_dir, run_dir / record.dirname / "eval")
+    except Exception as exc:  # lm-eval and the datasets it loads raise anything; keep the run going
+        record.eval_status, record.eval_error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+        manifest.write(run_dir)
+        console.print(f"[red]phase {record.index} '{record.name}': evaluation failed[/]: {record.eval_error}"
+                      f"\n  the checkpoint is kept; retry with: cft-eval {run_dir}")
+        return
+    record.eval = {**record.eval, **outcome.metrics}
+    record.eval_groups = {**record.eval_groups, **outcome.groups}
+    record.eval_seconds = outcome.seconds
+    record.eval_files.append(str(outcome.results_file.relative_to(run_dir)))
+    record.eval_tasks = sorted(set(record.eval_tasks) | set(scorer.eval_cfg.tasks))
+    record.eval_status, record.eval_error = "done", None
+    manifest.write(run_dir)
 
 
 def summary_table(manifest: RunManifest) -> Table:

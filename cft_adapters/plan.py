@@ -7,6 +7,7 @@ from rich.table import Table
 
 from cft_adapters.data import SourceSummary, preview_source
 from cft_adapters.errors import DataError
+from cft_adapters.evaluation import unknown_tasks
 from cft_adapters.phases import unimplemented_features
 from cft_adapters.recipe import Recipe, TrainingConfig
 
@@ -34,6 +35,8 @@ def check_data(recipe: Recipe) -> dict[int, list[SourceSummary]]:
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
     problems = unimplemented_features(recipe)
+    if recipe.eval.tasks:
+        problems += unknown_tasks(recipe.eval.tasks)
     try:
         sources = check_data(recipe)
     except DataError as exc:

@@ -119,10 +119,24 @@ TrainingOverrides = _overrides_model(TrainingConfig, "TrainingOverrides")
 
 
 class EvalConfig(_Strict):
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names scored after every phase.")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task or group names scored for phase 0 (the base) and after every phase, "
+        "e.g. [cft_en, cft_ml] or [cft_smoke_en, cft_smoke_ml]. Empty: no evaluation.",
+    )
     limit: float | None = Field(None, gt=0, description="Examples per task (an int), or a fraction below 1.")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None keeps each task's default.")
+    apply_chat_template: bool = Field(
+        True, description="Wrap prompts in the tokenizer's chat template (the models here are instruction-tuned)."
+    )
+    log_samples: bool = Field(False, description="Also write lm-eval's per-sample files to phase_k_<name>/eval/.")
+    bootstrap_iters: int = Field(0, ge=0, description="lm-eval bootstrap iterations for stderr (0: skip, fast).")
+    base_precision: Literal["nf4", "bf16", "fp32"] | None = Field(
+        None,
+        description="Precision of the base the adapters are scored on. None: the training base as it is "
+        "in memory (no second load). Another value loads the base once more at that precision.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""Score phase checkpoints with lm-eval's Python API on the model already in memory.
+
+lm-eval gets the loaded model through `HFLM(pretrained=<model object>)` and our task families
+through `TaskManager(include_path=lm_eval_tasks)`. Phase 0 is scored with the adapter disabled;
+phase k by loading phase k's adapter weights into the one adapter in place. The base is never
+loaded again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from cft_adapters import modeling
+from cft_adapters.errors import RecipeError
+from cft_adapters.manifest import write_atomic
+from cft_adapters.recipe import EvalConfig, ModelConfig
+from cft_adapters.tasks_path import tasks_dir
+
+
+@lru_cache(maxsize=1)
+def task_manager() -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tasks_dir()))
+
+
+def unknown_tasks(names: list[str]) -> list[str]:
+    """One message per name lm-eval does not know, with the closest known names."""
+    known = task_manager().all_tasks
+    problems = []
+    for i, name in enumerate(names):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            problems.append(f"eval.tasks[{i}]: unknown lm-eval task or group '{name}'{hint}")
+    return problems
+
+
+def check_eval_tasks(eval_cfg: EvalConfig, source: str) -> None:
+    problems = unknown_tasks(eval_cfg.tasks)
+    if problems:
+        raise RecipeError([f"{source}: {p}" for p in problems])
+
+
+def training_precision(model: ModelConfig) -> str:
+    """The precision the training base is held in: 'nf4', or the compute dtype's short name."""
+    if model.quantization == "nf4":
+        return "nf4"
+    from cft_adapters.hf_configs import compute_dtype
+
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(compute_dtype(model)).removeprefix("torch.")]
+
+
+def eval_model_config(model: ModelConfig, precision: str) -> ModelConfig:
+    """The recipe's model section, changed to load the base at `precision` for scoring."""
+    if precision == "nf4":
+        return model.model_copy(update={"quantization": "nf4"})
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    return model.model_copy(update={"quantization": "none", "compute_dtype": dtype})
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, dict[str, float]]
+    groups: dict[str, list[str]]
+    seconds: float
+    results_file: Path
+
+
+class CheckpointScorer:
+    """Scores the base and phase adapters on one loaded base by swapping adapter weights in place."""
+
+    def __init__(self, eval_cfg: EvalConfig, tokenizer: Any, base: Any, peft_model: Any = None):
+        self.eval_cfg = eval_cfg
+        self.tokenizer = tokenizer
+        self.base = base
+        self.peft_model = peft_model
+
+    @contextlib.contextmanager
+    def _model_for(self, adapter_dir: Path | None) -> Iterator[Any]:
+        if adapter_dir is None:
+            if self.peft_model is None:
+                yield self.base
+            else:
+                with self.peft_model.disable_adapter():
+                    yield self.peft_model
+            return
+        if self.peft_model is None:
+            from peft import PeftModel
+
+            self.peft_model = PeftModel.from_pretrained(self.base, str(adapter_dir), is_trainable=False)
+        else:
+            modeling.load_adapter_weights(self.peft_model, adapter_dir)
+        yield self.peft_model
+
+    def score(self, adapter_dir: Path | None, out_dir: Path) -> EvalOutcome:
+        """Evaluate, write lm-eval's results JSON (and samples) to `out_dir`, return the summary."""
+        with self._model_for(adapter_dir) as model:
+            results = run_lm_eval(model, self.tokenizer, self.eval_cfg)
+        path = write_results(results, out_dir)
+        return EvalOutcome(summarize(results), group_members(results), results["cft_eval_seconds"], path)
+
+
+def run_lm_eval(model: Any, tokenizer: Any, eval_cfg: EvalConfig) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_cfg.batch_size)
+    started = time.perf_counter()
+    limit = eval_cfg.limit if eval_cfg.limit is None or eval_cfg.limit < 1 else int(eval_cfg.limit)
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(eval_cfg.tasks),
+            task_manager=task_manager(),
+            num_fewshot=eval_cfg.num_fewshot,
+            limit=limit,
+            apply_chat_template=eval_cfg.apply_chat_template,
+            log_samples=eval_cfg.log_samples,
+            bootstrap_iters=eval_cfg.bootstrap_iters,
+            random_seed=0,
+            numpy_random_seed=1234,
+            torch_random_seed=1234,
+            fewshot_random_seed=1234,
+        )
+    finally:
+        model.train(was_training)
+    results["cft_eval_seconds"] = round(time.perf_counter() - started, 3)
+    return results
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> Path:
+    """lm-eval's own files: results_<timestamp>.json and samples_<task>_<timestamp>.jsonl."""
+    from lm_eval.utils import handle_non_serializable
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%f")
+    samples = results.pop("samples", None)
+    path = out_dir / f"results_{stamp}.json"
+    write_atomic(path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    for task, rows in (samples or {}).items():
+        text = "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows)
+        write_atomic(out_dir / f"samples_{task}_{stamp}.jsonl", text)
+    return path
+
+
+def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task_or_group: {metric: value}} from lm-eval's results (filter suffix dropped when 'none')."""
+    out: dict[str, dict[str, float]] = {}
+    for name, metrics in results.get("results", {}).items():
+        row = {}
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            row[metric if filt == "none" else f"{metric},{filt}"] = float(value)
+        out[name] = row
+    return out
+
+
+def group_members(results: dict[str, Any]) -> dict[str, list[str]]:
+    return {group: list(children) for group, children in results.get("group_subtasks", {}).items()}

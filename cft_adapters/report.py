@@ -1,0 +1,202 @@
+"""The forgetting/gain report: English task ability (EA) and multilingual language ability (MA)
+of every phase's model, from the per-task scores in run.json.
+
+Definitions (the paper leaves the averaging open; these are ours):
+- A *scoring unit* is a member task of an ability group (cft_en, cft_ml_seen, ...), expanded until a
+  task or a group that lm-eval aggregates itself (mmlu, global_mmlu_fr) is reached.
+- Each unit contributes its *primary metric* (PRIMARY_METRICS), on a 0-1 scale.
+- EA = unweighted mean over English units. MA_seen / MA_unseen = unweighted mean over units whose
+  language is / is not among the languages of the run's training data (other than English).
+- Δ0 = score - phase 0's score. Δbest = score - the best earlier phase's score.
+- Forgetting (per phase k) = max over phases j ≤ k of EA_j, minus EA_k (≥ 0).
+- Backward transfer (run) = mean over trained phases i < N of S_N(a_i) - S_i(a_i), where a_i is
+  the ability phase i trained: EA for an English-only phase, MA_seen otherwise.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+from cft_adapters.manifest import RunManifest, write_atomic
+
+# (task name or glob, metric). The first match wins. Scale: every metric listed is in [0, 1].
+PRIMARY_METRICS: list[tuple[str, str]] = [
+    ("ifeval", "prompt_level_strict_acc"),
+    ("mmlu", "acc"),
+    ("hellaswag", "acc_norm"),
+    ("cft_xlsum_*", "rougeL"),
+    ("xquad_*", "f1"),
+    ("mlqa_*", "f1"),
+    ("global_mmlu_*", "acc"),
+    ("cft_langfid_*", "langfid"),
+    ("cft_smoke_en_mc", "acc"),
+    ("cft_smoke_en_gen", "rougeL"),
+    ("cft_smoke_ml_*", "chrf"),
+]
+ABILITY_GROUPS = {"cft_en", "cft_ml", "cft_ml_seen", "cft_ml_unseen", "cft_smoke_en", "cft_smoke_ml"}
+_ENGLISH_TASKS = {"ifeval", "mmlu", "hellaswag", "cft_smoke_en_mc", "cft_smoke_en_gen"}
+_LANG_SUFFIX = re.compile(r"^(?:cft_xlsum|cft_langfid|cft_smoke_ml|xquad|global_mmlu|global_mmlu_full|mlqa)_([a-z]{2})(?:_[a-z]{2})?$")
+
+
+def task_language(name: str) -> str | None:
+    if name in _ENGLISH_TASKS:
+        return "en"
+    match = _LANG_SUFFIX.match(name)
+    return match.group(1) if match else None
+
+
+def primary_metric(name: str) -> str | None:
+    return next((metric for pattern, metric in PRIMARY_METRICS if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def scoring_units(requested: list[str], groups: dict[str, list[str]]) -> list[str]:
+    units: list[str] = []
+    for name in requested:
+        if name in ABILITY_GROUPS and name in groups:
+            units += scoring_units(groups[name], groups)
+        elif name not in units:
+            units.append(name)
+    return units
+
+
+@dataclass
+class PhaseScores:
+    index: int
+    name: str
+    units: dict[str, float] = field(default_factory=dict)
+    ea: float | None = None
+    ma_seen: float | None = None
+    ma_unseen: float | None = None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def seen_languages(manifest: RunManifest) -> set[str]:
+    langs: set[str] = set()
+    for rec in manifest.phases:
+        langs |= set((rec.data or {}).get("languages", {}))
+    return langs - {"en"}
+
+
+def phase_scores(manifest: RunManifest, tasks: list[str]) -> list[PhaseScores]:
+    seen = seen_languages(manifest)
+    out = []
+    for rec in manifest.phases:
+        scores = PhaseScores(rec.index, rec.name)
+        for unit in scoring_units(tasks, rec.eval_groups or {}):
+            metric = primary_metric(unit)
+            value = (rec.eval.get(unit) or {}).get(metric) if metric else None
+            if value is not None:
+                scores.units[unit] = float(value)
+        by_lang: dict[str, list[float]] = {"en": [], "seen": [], "unseen": []}
+        for unit, value in scores.units.items():
+            lang = task_language(unit)
+            if lang is None:
+                continue
+            by_lang["en" if lang == "en" else "seen" if lang in seen else "unseen"].append(value)
+        scores.ea, scores.ma_seen, scores.ma_unseen = (_mean(by_lang[k]) for k in ("en", "seen", "unseen"))
+        out.append(scores)
+    return out
+
+
+def _delta(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else value - reference
+
+
+def forgetting(scores: list[PhaseScores], k: int) -> float | None:
+    history = [s.ea for s in scores[: k + 1] if s.ea is not None]
+    return None if scores[k].ea is None or not history else max(history) - scores[k].ea
+
+
+def best_earlier(scores: list[PhaseScores], k: int, attr: str) -> float | None:
+    earlier = [getattr(s, attr) for s in scores[:k] if getattr(s, attr) is not None]
+    return max(earlier) if earlier else None
+
+
+def backward_transfer(manifest: RunManifest, scores: list[PhaseScores]) -> float | None:
+    last = len(scores) - 1
+    gaps = []
+    for i in range(1, last):
+        langs = set((manifest.phases[i].data or {}).get("languages", {}))
+        attr = "ea" if langs == {"en"} else "ma_seen"
+        now, then = getattr(scores[last], attr), getattr(scores[i], attr)
+        if now is not None and then is not None:
+            gaps.append(now - then)
+    return _mean(gaps)
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+SUMMARY_COLUMNS = ("phase", "EA", "MA seen", "MA unseen", "ΔEA vs 0", "ΔMA vs 0", "ΔEA vs best", "ΔMA vs best", "forgetting")
+
+
+def summary_rows(scores: list[PhaseScores]) -> list[list[str]]:
+    base = scores[0]
+    rows = []
+    for k, s in enumerate(scores):
+        rows.append([
+            f"{s.index} {s.name}", _fmt(s.ea), _fmt(s.ma_seen), _fmt(s.ma_unseen),
+            _fmt(_delta(s.ea, base.ea), True), _fmt(_delta(s.ma_seen, base.ma_seen), True),
+            _fmt(_delta(s.ea, best_earlier(scores, k, "ea")), True),
+            _fmt(_delta(s.ma_seen, best_earlier(scores, k, "ma_seen")), True),
+            _fmt(forgetting(scores, k)),
+        ])
+    return rows
+
+
+def rich_table(manifest: RunManifest, tasks: list[str]) -> Table:
+    scores = phase_scores(manifest, tasks)
+    table = Table(title="English task ability (EA) and multilingual ability (MA) per phase")
+    for col in SUMMARY_COLUMNS:
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for row in summary_rows(scores):
+        table.add_row(*row)
+    bwt = backward_transfer(manifest, scores)
+    table.caption = f"backward transfer: {_fmt(bwt, True)}; seen languages: {', '.join(sorted(seen_languages(manifest))) or '-'}"
+    return table
+
+
+def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str]) -> Path:
+    scores = phase_scores(manifest, tasks)
+    units = sorted({u for s in scores for u in s.units}, key=lambda u: (task_language(u) != "en", u))
+    lines = [
+        f"# Run report: {manifest.recipe}",
+        "",
+        f"Base model: `{manifest.base_model}`. Eval tasks: {', '.join(f'`{t}`' for t in tasks)}. "
+        f"Seen languages: {', '.join(sorted(seen_languages(manifest))) or '-'}.",
+        "",
+        "## Abilities per phase",
+        "",
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(SUMMARY_COLUMNS) - 1)) + "|",
+        *("| " + " | ".join(row) + " |" for row in summary_rows(scores)),
+        "",
+        f"Backward transfer: {_fmt(backward_transfer(manifest, scores), True)}.",
+        "",
+        "## Per-task primary metrics",
+        "",
+        "| task | metric | language | " + " | ".join(f"{s.index} {s.name}" for s in scores) + " |",
+        "|---|---|---|" + "---:|" * len(scores),
+        *(
+            f"| {u} | {primary_metric(u)} | {task_language(u) or '-'} | "
+            + " | ".join(_fmt(s.units.get(u)) for s in scores) + " |"
+            for u in units
+        ),
+        "",
+        "EA and MA are unweighted means of the primary metrics above; see `cft_adapters/report.py`.",
+        "",
+    ]
+    path = run_dir / "report.md"
+    write_atomic(path, "\n".join(lines))
+    return path
