@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes logs a warning on import when an optional CPU kernel cannot be fetched from the
     # hub; it falls back to its own kernel, and this tool never fetches code from the hub.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     console = Console(stderr=False)
     err = Console(stderr=True)
     if args.schema:

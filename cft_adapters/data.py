@@ -9,13 +9,16 @@ applied, and with `completion_only_loss` only the answer tokens carry loss.
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cft_adapters.errors import DataError
-from cft_adapters.recipe import BUILTIN_PREFIX, DatasetSource, PhaseConfig, builtin_data_path
+from cft_adapters.recipe import BUILTIN_PREFIX, DatasetSource, PhaseConfig, Recipe, builtin_data_path
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -135,13 +138,14 @@ def load_source(src: DatasetSource, where: str, seed: int) -> Any:
     _check_columns(raw.column_names, src, where)
     if len(raw) == 0:
         raise DataError(f"{where}: {src.describe()}: the dataset is empty")
-    raw = raw.shuffle(seed=seed)
     keep = src.max_examples if src.max_examples is not None else (
         max(1, round(src.fraction * len(raw))) if src.fraction is not None else len(raw)
     )
-    raw = raw.select(range(min(keep, len(raw))))
+    # A seeded sample; `order` maps back to the rows of the file, so errors name the real row.
+    order = np.random.default_rng(seed).permutation(len(raw))[: min(keep, len(raw))].tolist()
+    raw = raw.select(order)
     converted = raw.map(
-        lambda row, i: to_conversation(row, src, f"{where} row {i}"),
+        lambda row, i: to_conversation(row, src, f"{where} row {order[i]}"),
         with_indices=True,
         remove_columns=raw.column_names,
         load_from_cache_file=False,
@@ -188,4 +192,28 @@ def _count_local_rows(src: DatasetSource) -> int | None:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(file).metadata.num_rows
-    return None
+    if file.suffix == ".csv":
+        import csv
+
+        with file.open(newline="", encoding="utf-8") as fh:
+            return max(0, sum(1 for _ in csv.reader(fh)) - 1)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError:  # JSON Lines under a .json name
+        return sum(1 for line in file.read_text(encoding="utf-8").splitlines() if line.strip())
+    return len(data) if isinstance(data, list) else None
+
+
+def check_data(recipe: Recipe) -> dict[int, list[SourceSummary]]:
+    """Read the first rows of every source. Every problem is collected before raising."""
+    problems: list[str] = []
+    found: dict[int, list[SourceSummary]] = {}
+    for i, phase in enumerate(recipe.phases):
+        for j, src in enumerate(phase.datasets):
+            try:
+                found.setdefault(i, []).append(preview_source(src, f"phases[{i}].datasets[{j}]"))
+            except DataError as exc:
+                problems += exc.problems
+    if problems:
+        raise DataError(problems)
+    return found

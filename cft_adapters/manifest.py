@@ -19,6 +19,7 @@ RESOLVED_RECIPE = "recipe.resolved.yaml"
 
 
 class TrainStats(BaseModel):
+    config_digest: str | None = Field(None, description="The phase config_digest this adapter was trained under.")
     steps: int
     tokens: int = Field(description="Non-padding input tokens seen by the trainer in this phase.")
     seconds: float = Field(description="Wall time of trainer.train() in the attempt that finished the phase.")

@@ -25,8 +25,8 @@ from rich.table import Table
 
 from cft_adapters import modeling, report
 from cft_adapters.callbacks import NonFiniteGuard, NonFiniteLossError, RichProgressCallback
-from cft_adapters.data import PhaseData, load_phase_data
-from cft_adapters.errors import NotImplementedYet, RunError
+from cft_adapters.data import PhaseData, check_data, load_phase_data
+from cft_adapters.errors import CftError, NotImplementedYet, RunError
 from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
 from cft_adapters.hf_configs import sft_config
 from cft_adapters.manifest import (
@@ -93,6 +93,32 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
     return None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _saved_stats(phase_dir: Path) -> TrainStats | None:
+    try:
+        return TrainStats.model_validate_json((phase_dir / TRAIN_STATS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_manifest(run_dir: Path) -> RunManifest | None:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return RunManifest.read(run_dir)
+    except ValueError as exc:
+        first = str(exc).splitlines()[0]
+        raise CftError(f"{path}: not a valid run manifest ({first}); it was not modified. Use another output_dir.") from None
+
+
 def _peak_memory_mb() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
@@ -138,8 +164,12 @@ class PhaseRunner:
             raise NotImplementedYet([f"{self.recipe_path}: {p}" for p in problems])
         if self.recipe.eval.tasks:
             check_eval_tasks(self.recipe.eval, self.recipe_path)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        old = RunManifest.read(self.run_dir) if (self.run_dir / "run.json").is_file() else None
+        check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CftError(f"{self.recipe_path}: output_dir: cannot create run directory '{self.run_dir}': {exc.strerror}") from None
+        old = read_manifest(self.run_dir)
         records = []
         for k in range(len(self.recipe.phases) + 1):
             name = "base" if k == 0 else self.recipe.phases[k - 1].name
@@ -190,16 +220,14 @@ class PhaseRunner:
             f"(e.g. output_dir={self.run_dir}-2)."
         )
 
-    def _ensure_base(self, gradient_checkpointing: bool) -> None:
+    def _ensure_base(self) -> None:
         if self.model.base is not None:
             return
         self.base_path = modeling.resolve_model_path(self.recipe.model)
         self.console.print(f"[bold]loading base[/] {self.recipe.model.name_or_path} "
                            f"({self.recipe.model.quantization}) from {self.base_path}")
         self.model.tokenizer = modeling.load_tokenizer(self.recipe.model, self.base_path)
-        self.model.base = modeling.load_base_model(
-            self.recipe.model, self.base_path, gradient_checkpointing=gradient_checkpointing
-        )
+        self.model.base = modeling.load_base_model(self.recipe.model, self.base_path)
         assert self.manifest is not None
         self.manifest.base_model_path = self.base_path
         self.manifest.write(self.run_dir)
@@ -278,7 +306,7 @@ class PhaseRunner:
                     self.recipe.eval, modeling.load_tokenizer(cfg, path), modeling.load_base_model(cfg, path)
                 )
             return self._eval_scorer
-        self._ensure_base(self.recipe.phase_training(0).gradient_checkpointing)
+        self._ensure_base()
         if adapter_dir is not None and self.model.peft is None:
             self.model.peft = modeling.load_adapter_for_training(self.model.base, adapter_dir)
         return CheckpointScorer(self.recipe.eval, self.model.tokenizer, self.model.base, self.model.peft)
@@ -288,11 +316,20 @@ class PhaseRunner:
         record = self.manifest.phases[k]
         phase_dir = self.run_dir / record.dirname
         adapter_dir = phase_dir / "adapter"
-        if _adapter_complete(adapter_dir) and (phase_dir / TRAIN_STATS).is_file():
-            # The previous attempt saved the adapter but stopped before recording it.
-            self._mark_done(record, TrainStats.model_validate_json((phase_dir / TRAIN_STATS).read_text()), phase_dir)
-            self.console.print(f"phase {k} '{record.name}': adapter was already saved; recorded as done")
-            return
+        for leftover in phase_dir.glob(".adapter.tmp-*"):  # a save cut short by a kill
+            shutil.rmtree(leftover, ignore_errors=True)
+        if adapter_dir.exists():
+            stats = _saved_stats(phase_dir)
+            if _adapter_complete(adapter_dir) and stats is not None and stats.config_digest == record.config_digest:
+                # The previous attempt saved the adapter but stopped before recording it.
+                shutil.rmtree(self._trainer_dir(record), ignore_errors=True)
+                self._mark_done(record, stats, phase_dir)
+                self.console.print(f"phase {k} '{record.name}': adapter was already saved; recorded as done")
+                return
+            # An unrecorded adapter from other settings: keep it aside, never delete it.
+            aside = phase_dir / f"adapter.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(adapter_dir, aside)
+            self.console.print(f"phase {k} '{record.name}': an unrecorded adapter from other settings was moved to {aside}")
         record.status, record.error = "running", None
         self.manifest.write(self.run_dir)
         try:
@@ -326,9 +363,10 @@ class PhaseRunner:
             "languages": data.languages,
             "sources": [{"where": s.where, "source": s.source, "examples": s.examples} for s in data.sources],
         }
-        self._ensure_base(training.gradient_checkpointing)
+        self._ensure_base()
         init_adapter = self._adapter_for_phase(k)
         peft_model = self.model.peft
+        modeling.set_gradient_checkpointing(peft_model, training.gradient_checkpointing)
         init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
 
         trainer_dir = self._trainer_dir(record)
@@ -355,6 +393,7 @@ class PhaseRunner:
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         final = modeling.adapter_state(peft_model)
         stats = TrainStats(
+            config_digest=record.config_digest,
             steps=trainer.state.global_step,
             tokens=tokens,
             seconds=round(seconds, 3),
@@ -380,8 +419,11 @@ class PhaseRunner:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         if modeling.adapter_file_digest(tmp) != stats.final_digest:
             raise RunError(f"{tmp}: the saved adapter does not match the trained weights")
+        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes them visible
+            _fsync(path)
         write_atomic(phase_dir / TRAIN_STATS, stats.model_dump_json(indent=2) + "\n")
         os.rename(tmp, phase_dir / "adapter")
+        _fsync(phase_dir)
 
     def _mark_done(self, record: PhaseRecord, stats: TrainStats, phase_dir: Path) -> None:
         record.train = stats
@@ -416,7 +458,7 @@ def record_evaluation(
 def summary_table(manifest: RunManifest) -> Table:
     table = Table(title=f"run: {manifest.recipe}")
     for col in ("phase", "status", "steps", "tokens", "sec", "tok/s", "peak MB", "loss"):
-        table.add_column(col, justify="left" if col in {"phase", "status"} else "right")
+        table.add_column(col, justify="left" if col in {"phase", "status"} else "right", overflow="fold")
     for rec in manifest.phases:
         t = rec.train
         cells = (

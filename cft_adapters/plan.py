@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from cft_adapters.data import SourceSummary, preview_source
+from cft_adapters.data import check_data
 from cft_adapters.errors import DataError
 from cft_adapters.evaluation import unknown_tasks
 from cft_adapters.phases import unimplemented_features
@@ -16,21 +16,6 @@ from cft_adapters.recipe import Recipe, TrainingConfig
 def _training_summary(t: TrainingConfig) -> str:
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.num_train_epochs:g} ep"
     return f"{length}, lr {t.learning_rate:g}, batch {t.per_device_train_batch_size}x{t.gradient_accumulation_steps}, len {t.max_length}"
-
-
-def check_data(recipe: Recipe) -> dict[int, list[SourceSummary]]:
-    """Read the first rows of every source. Every problem is collected before raising."""
-    problems: list[str] = []
-    found: dict[int, list[SourceSummary]] = {}
-    for i, phase in enumerate(recipe.phases):
-        for j, src in enumerate(phase.datasets):
-            try:
-                found.setdefault(i, []).append(preview_source(src, f"phases[{i}].datasets[{j}]"))
-            except DataError as exc:
-                problems += exc.problems
-    if problems:
-        raise DataError(problems)
-    return found
 
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
@@ -52,7 +37,7 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
     console.print(f"[bold]adapter[/] LoRA r={a.r} alpha={a.alpha:g} dropout={a.dropout:g} on {', '.join(a.target_modules)}")
     table = Table(title="phase plan")
     for col in ("phase", "data", "examples", "languages", "training", "placement", "replay"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     table.add_row("0 base", "-", "-", "-", "evaluated only", "-", "-")
     for i, phase in enumerate(recipe.phases):
         training = recipe.phase_training(i)

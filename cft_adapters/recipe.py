@@ -67,6 +67,12 @@ class ModelConfig(_Strict):
         "A tokenizer's own template always wins.",
     )
 
+    @model_validator(mode="after")
+    def _revision_needs_hub(self) -> ModelConfig:
+        if self.revision is not None and self.name_or_path.startswith(BUILTIN_PREFIX):
+            raise ValueError("'revision' applies to hub models, not to builtin ones")
+        return self
+
 
 class AdapterConfig(_Strict):
     r: int = Field(16, ge=1, description="LoRA rank.")
@@ -86,7 +92,7 @@ class TrainingConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler_type: Literal[
-        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"
+        "linear", "cosine", "constant", "constant_with_warmup"
     ] = Field("cosine", description="Learning-rate schedule within a phase.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the phase's steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -190,25 +196,35 @@ class DatasetSource(_Strict):
 
     @model_validator(mode="after")
     def _one_source_one_tag(self) -> DatasetSource:
-        problems = []
-        if (self.hub is None) == (self.path is None):
-            problems.append("set exactly one of 'hub' and 'path'")
-        if (self.language is None) == (self.language_column is None):
-            problems.append("set exactly one of 'language' and 'language_column'")
-        if self.format == "columns" and self.columns is None:
-            problems.append("format 'columns' needs 'columns' (prompt, response)")
-        if self.format != "columns" and self.columns is not None:
-            problems.append(f"'columns' is only used with format 'columns', not '{self.format}'")
-        if self.max_examples is not None and self.fraction is not None:
-            problems.append("set at most one of 'max_examples' and 'fraction'")
-        if self.path is not None and (self.name or self.data_files or self.revision):
-            problems.append("'name', 'data_files' and 'revision' apply to 'hub' sources only")
+        problems = source_problems(self.model_dump(exclude_unset=True))
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     def describe(self) -> str:
         return self.hub if self.hub is not None else str(self.path)
+
+
+def source_problems(src: dict[str, Any]) -> list[str]:
+    """Rules across the keys of one data source. Shared by the model validator and the raw-dict
+    pass (which still runs when a field of the source is invalid, so all problems show at once)."""
+    given = {k for k, v in src.items() if v is not None}
+    problems = []
+    if ("hub" in given) == ("path" in given):
+        problems.append("set exactly one of 'hub' and 'path'")
+    if ("language" in given) == ("language_column" in given):
+        problems.append("set exactly one of 'language' and 'language_column'")
+    fmt = src.get("format", "alpaca")
+    if fmt == "columns" and "columns" not in given:
+        problems.append("format 'columns' needs 'columns' (prompt, response)")
+    if fmt != "columns" and "columns" in given:
+        problems.append(f"'columns' is only used with format 'columns', not '{fmt}'")
+    if {"max_examples", "fraction"} <= given:
+        problems.append("set at most one of 'max_examples' and 'fraction'")
+    hub_only = sorted(given & {"name", "data_files", "revision", "split"})
+    if "path" in given and hub_only:
+        problems.append(f"{', '.join(repr(k) for k in hub_only)} apply to 'hub' sources only (a local file has one split)")
+    return problems
 
 
 def builtin_data_path(value: str) -> Path:
@@ -240,6 +256,14 @@ class PlacementConfig(_Strict):
         None, description="most_changed: the earlier phase whose adapter change ranks layers (default: previous)."
     )
 
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> PlacementConfig:
+        if self.strategy == "explicit" and self.layers is None:
+            raise ValueError("strategy 'explicit' needs 'layers'")
+        if self.strategy in {"random", "most_changed", "spectrum"} and (self.fraction is None) == (self.count is None):
+            raise ValueError(f"strategy '{self.strategy}' needs exactly one of 'fraction' and 'count'")
+        return self
+
 
 class ReplayConfig(_Strict):
     kind: Literal["generative", "real"] = Field(
@@ -250,6 +274,16 @@ class ReplayConfig(_Strict):
     source: DatasetSource | None = Field(None, description="real: English examples (default: earlier phases' data).")
     max_new_tokens: int = Field(256, ge=1, description="generative: answer length cap (greedy decoding).")
     pool_size: int | Literal["auto"] = Field("auto", description="How many replay examples to prepare.")
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> ReplayConfig:
+        if self.kind == "generative" and self.prompts is None:
+            raise ValueError("kind 'generative' needs 'prompts' (English prompts for the previous phase's model to answer)")
+        if self.kind == "generative" and self.source is not None:
+            raise ValueError("'source' is for kind 'real'; generative replay reads 'prompts'")
+        if self.kind == "real" and self.prompts is not None:
+            raise ValueError("'prompts' is for kind 'generative'; real replay reads 'source'")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,22 +315,6 @@ class Recipe(_Strict):
         overrides = self.phases[index].training.model_dump(exclude_none=True)
         return TrainingConfig.model_validate({**self.training.model_dump(), **overrides})
 
-    def cross_field_problems(self) -> list[tuple[str, str]]:
-        """Rules that span keys. Each problem is (dotted key path, message)."""
-        problems: list[tuple[str, str]] = []
-        seen: dict[str, int] = {}
-        for i, phase in enumerate(self.phases):
-            if phase.name in seen:
-                problems.append(
-                    (f"phases[{i}].name", f"duplicate phase name '{phase.name}' (also phases[{seen[phase.name]}].name)")
-                )
-            seen.setdefault(phase.name, i)
-            ref = phase.placement.reference_phase if phase.placement else None
-            if ref is not None and seen.get(ref, i) >= i:
-                problems.append(
-                    (f"phases[{i}].placement.reference_phase", f"'{ref}' must name an earlier phase of this recipe")
-                )
-        return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,14 +339,43 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_recipe(raw: dict[str, Any], *, source: str, base_dir: Path) -> Recipe:
+    """Validate a merged recipe dict. Field errors and cross-key rules are all reported together."""
+    cross = raw_cross_problems(raw)
+    lines = [f"{source}: {loc}: {msg}" for loc, msg in cross]
     try:
         recipe = Recipe.model_validate(raw, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(exc, raw, source)) from None
-    cross = recipe.cross_field_problems()
-    if cross:
-        raise RecipeError([f"{source}: {loc}: {msg}" for loc, msg in cross])
+        lines += _format_validation_error(exc, source, covered={loc for loc, _ in cross})
+        raise RecipeError(list(dict.fromkeys(lines))) from None
+    if lines:
+        raise RecipeError(lines)
     return recipe
+
+
+def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rules that span keys, checked on the raw dict so they run even when fields are invalid."""
+    problems: list[tuple[str, str]] = []
+    phases = raw.get("phases")
+    if not isinstance(phases, list):
+        return problems
+    seen: dict[str, int] = {}
+    for i, phase in enumerate(phases):
+        if not isinstance(phase, dict):
+            continue
+        name = phase.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append((f"phases[{i}].name", f"duplicate phase name '{name}' (also phases[{seen[name]}].name)"))
+            seen.setdefault(name, i)
+        placement = phase.get("placement")
+        ref = placement.get("reference_phase") if isinstance(placement, dict) else None
+        if ref is not None and seen.get(ref, i) >= i:
+            problems.append((f"phases[{i}].placement.reference_phase", f"'{ref}' must name an earlier phase of this recipe"))
+        datasets = phase.get("datasets")
+        for j, src in enumerate(datasets if isinstance(datasets, list) else []):
+            if isinstance(src, dict):
+                problems += [(f"phases[{i}].datasets[{j}]", p) for p in source_problems(src)]
+    return problems
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -353,7 +400,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise RecipeError([f"{path}: extends: cycle {cycle}"])
-    data = _read_yaml(path)
+    data = _absolutize_paths(_read_yaml(path), path.parent)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -363,6 +410,26 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not parent_path.is_file():
         raise RecipeError([f"{path}: extends: recipe file not found: {parent_path}"])
     return deep_merge(_read_with_extends(parent_path, (*chain, resolved)), data)
+
+
+def _absolutize_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Relative data paths are relative to the file that wrote them, also through `extends`."""
+
+    def fix(src: Any) -> None:
+        if isinstance(src, dict) and isinstance(src.get("path"), str):
+            value = src["path"]
+            if not value.startswith(BUILTIN_PREFIX) and not Path(value).expanduser().is_absolute():
+                src["path"] = str((base_dir / value).resolve())
+
+    for phase in data.get("phases") or []:
+        if not isinstance(phase, dict):
+            continue
+        for src in phase.get("datasets") or [] if isinstance(phase.get("datasets"), list) else []:
+            fix(src)
+        if isinstance(phase.get("replay"), dict):
+            fix(phase["replay"].get("prompts"))
+            fix(phase["replay"].get("source"))
+    return data
 
 
 def deep_merge(base: Any, child: Any) -> Any:
@@ -446,26 +513,29 @@ def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
-def _format_validation_error(exc: ValidationError, raw: dict[str, Any], source: str) -> list[str]:
-    lines: list[str] = []
+def _format_validation_error(exc: ValidationError, source: str, covered: set[str] = frozenset()) -> list[str]:
+    """One line per key path. `covered`: paths whose cross-key rules the raw pass reported already."""
+    by_loc: dict[str, list[str]] = {}
     for err in exc.errors(include_url=False):
         loc = _clean_loc(err["loc"])
         where = format_loc(loc) or "(top level)"
+        if err["type"] == "value_error" and where in covered:
+            continue
         if err["type"] == "extra_forbidden":
             allowed = allowed_keys(loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            msg = f"unknown key; " + (f"did you mean '{hint[0]}'? " if hint else "") + f"allowed: {', '.join(allowed)}"
+            msg = "unknown key; " + (f"did you mean '{hint[0]}'? " if hint else "") + f"allowed: {', '.join(allowed)}"
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = _short(err.get("input"))
-            if got is not None and err["type"] not in {"value_error"}:
+            if got is not None and err["type"] != "value_error":
                 msg += f", got {got}"
-        line = f"{source}: {where}: {msg}"
-        if line not in lines:
-            lines.append(line)
-    return lines
+        if msg not in by_loc.setdefault(where, []):
+            by_loc[where].append(msg)
+    # A union field (e.g. str | list[int]) fails once per member: one line, alternatives joined.
+    return [f"{source}: {where}: {' | or: '.join(msgs)}" for where, msgs in by_loc.items()]
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -66,6 +66,19 @@ def test_nf4_base_on_cpu_forward_and_backward(tiny_model_path: Path) -> None:
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_nf4_base_survives_eval_forward_and_state_dict_bitwise(tiny_model_path: Path) -> None:
+    cfg = ModelConfig(name_or_path="builtin:tiny-mistral", quantization="nf4")
+    base = load_base_model(cfg, str(tiny_model_path))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    base.eval()
+    with torch.no_grad():
+        base(torch.tensor([[3, 4, 5]]))
+    after = base.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
 def test_plain_precision_base(tiny_model_path: Path) -> None:
     base = load_base_model(ModelConfig(name_or_path="builtin:tiny-mistral", quantization="none"), str(tiny_model_path))
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"

@@ -197,3 +197,54 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None
     saved = load_file(str(tmp_path / "run/phase_1_english/trainer/checkpoint-8/adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert not (tmp_path / "run/phase_1_english/trainer/checkpoint-16").exists()
+
+
+def test_phase1_moved_every_tensor_from_its_init(smoke_run: Path, tiny_model_path) -> None:
+    from safetensors.torch import load_file
+    from transformers import set_seed
+
+    from cft_adapters.modeling import adapter_state, new_adapter, tensors_digest
+
+    recipe = load_recipe(SMOKE)
+    set_seed(recipe.phase_training(0).seed)
+    init = adapter_state(new_adapter(load_base_model(recipe.model, str(tiny_model_path)), recipe.adapter))
+    assert tensors_digest(init) == RunManifest.read(smoke_run).phases[1].train.init_digest
+    trained = load_file(str(smoke_run / "phase_1_english/adapter/adapter_model.safetensors"))
+    assert set(trained) == set(init)
+    for name in trained:
+        assert not torch.equal(trained[name], init[name]), f"{name} did not train in phase 1"
+
+
+def _as_if_killed_after_save(run: Path, index: int) -> None:
+    """The state a kill leaves between the adapter rename and the run.json update."""
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["phases"][index]["status"] = "running"
+    manifest["phases"][index]["checkpoint"] = None
+    (run / "run.json").write_text(json.dumps(manifest))
+
+
+def test_saved_but_unrecorded_adapter_is_recorded_not_retrained(smoke_run: Path, tmp_path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    _as_if_killed_after_save(run, 2)
+    stamp = (run / "phase_2_french_german/adapter/adapter_model.safetensors").stat().st_mtime_ns
+    assert main([str(SMOKE), f"output_dir={run}"]) == 0
+    assert "adapter was already saved; recorded as done" in capsys.readouterr().out
+    assert RunManifest.read(run).phases[2].status == "done"
+    assert (run / "phase_2_french_german/adapter/adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_unrecorded_adapter_from_other_settings_is_kept_aside(smoke_run: Path, tmp_path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    _as_if_killed_after_save(run, 2)
+    old = _file_hashes(run / "phase_2_french_german/adapter")
+    assert main([str(SMOKE), f"output_dir={run}", "phases[1].training.learning_rate=1e-3", "eval.tasks=[]"]) == 0
+    assert "was moved to" in capsys.readouterr().out
+    aside = list((run / "phase_2_french_german").glob("adapter.stale-*"))
+    assert len(aside) == 1 and _file_hashes(aside[0]) == old
+    assert _file_hashes(run / "phase_2_french_german/adapter") != old

@@ -73,6 +73,103 @@ adapter: {r: 0, alpha: -1}
     assert any("adapter.r:" in line for line in lines)
     assert any("adapter.alpha:" in line for line in lines)
     assert any("phases[1].datasets[0]: set exactly one of 'language' and 'language_column'" in line for line in lines)
+    assert any("phases[1].name: duplicate phase name 'english' (also phases[0].name)" in line for line in lines)
+
+
+def test_field_errors_and_source_rules_reported_together(tmp_path, capsys) -> None:
+    text = BASE.format(out=tmp_path / "out").replace(
+        '[{path: "builtin:smoke/en_tasks.jsonl", language: en}]',
+        '[{path: missing.jsonl, language: en, language_column: lang}]',
+    )
+    code, output = _run_cli(capsys, [str(_write(tmp_path, text))])
+    assert code == 2
+    assert "phases[0].datasets[0].path: file not found:" in output
+    assert "phases[0].datasets[0]: set exactly one of 'language' and 'language_column'" in output
+    assert output.count("set exactly one of") == 1
+
+
+def test_union_field_error_is_one_line(tmp_path, capsys) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    code, output = _run_cli(capsys, [str(path), "phases[0].placement={strategy: explicit, layers: {a: 1}}", "--dry-run"])
+    assert code == 2
+    assert sum("phases[0].placement.layers:" in line for line in output.splitlines()) == 1
+
+
+def test_slot_rules_for_placement_and_replay(tmp_path) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, ["phases[0].placement={strategy: explicit}", "phases[0].replay={kind: generative, ratio: 0.05}"])
+    text = str(exc.value)
+    assert "phases[0].placement: strategy 'explicit' needs 'layers'" in text
+    assert "phases[0].replay: kind 'generative' needs 'prompts'" in text
+
+
+def test_placement_and_replay_are_not_implemented_yet(tmp_path, capsys) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    code, output = _run_cli(capsys, [str(path), "--dry-run", "phases[0].placement={strategy: random, fraction: 0.5}"])
+    assert code == 2
+    assert "phases[0].placement: layer placement is not implemented yet" in output
+
+
+def test_split_on_local_file_is_refused(tmp_path) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    with pytest.raises(RecipeError, match=r"phases\[0\]\.datasets\[0\]: 'split' apply to 'hub' sources only"):
+        load_recipe(path, ["phases[0].datasets[0].split=test"])
+
+
+def test_revision_on_builtin_model_is_refused(tmp_path) -> None:
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    with pytest.raises(RecipeError, match="model: 'revision' applies to hub models"):
+        load_recipe(path, ["model.revision=main"])
+
+
+def test_extends_resolves_each_files_paths_against_its_own_folder(tmp_path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    _write(tmp_path, BASE.format(out=tmp_path / "out").replace('"builtin:smoke/en_tasks.jsonl"', "data/a.jsonl"), "base.yaml")
+    (tmp_path / "variants").mkdir()
+    child = _write(tmp_path / "variants", "extends: ../base.yaml\ntraining: {learning_rate: 1.0e-3}\n", "child.yaml")
+    recipe = load_recipe(child)
+    assert recipe.phases[0].datasets[0].path == str((tmp_path / "data" / "a.jsonl").resolve())
+
+
+def test_successful_dry_run_prints_the_plan_and_loads_no_model(tmp_path, capsys, monkeypatch) -> None:
+    import cft_adapters.modeling as modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run must not load a model")
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(modeling, "load_base_model", refuse)
+    monkeypatch.setattr(modeling, "resolve_model_path", refuse)
+    code, output = _run_cli(capsys, [str(SMOKE), f"output_dir={tmp_path / 'out'}", "--dry-run"])
+    assert code == 0, output
+    assert "phase plan" in output and "french_german" in output and "dry run OK" in output
+    assert "cft_smoke_en, cft_smoke_ml" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_may_follow_flags(tmp_path, capsys) -> None:
+    code, output = _run_cli(capsys, [str(SMOKE), "--dry-run", f"output_dir={tmp_path / 'o'}", "training.max_steps=1"])
+    assert code == 0, output
+
+
+def test_cli_subprocess_bad_recipe_exits_2_without_traceback(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out") + "adapter: {r: zero}\n")
+    proc = subprocess.run([sys.executable, "-m", "cft_adapters.cli", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{path}: adapter.r: Input should be a valid integer" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_output_dir_that_is_a_file_is_a_clear_error(tmp_path, capsys) -> None:
+    (tmp_path / "taken").write_text("x")
+    code, output = _run_cli(capsys, [str(SMOKE), f"output_dir={tmp_path / 'taken'}", "eval.tasks=[]"])
+    assert code == 2
+    assert "output_dir: cannot create run directory" in output
 
 
 def test_duplicate_phase_name(tmp_path, capsys) -> None:
