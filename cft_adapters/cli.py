@@ -95,5 +95,58 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cft-eval",
+        description="Re-score the checkpoints of an existing run (phase 0 = the base, then every finished "
+        "phase) with lm-eval, swapping adapters on one loaded base. Nothing is retrained.",
+    )
+    parser.add_argument("run_dir", nargs="?", help="a run directory written by cft-train")
+    parser.add_argument("--tasks", help="comma-separated lm-eval tasks or groups (default: the recipe's eval.tasks)")
+    parser.add_argument("--limit", type=float, help="examples per task (int) or a fraction below 1")
+    parser.add_argument("--batch-size", type=int, help="lm-eval batch size (default: the recipe's)")
+    parser.add_argument("--base-precision", choices=["nf4", "bf16", "fp32"], help="precision of the base to score on")
+    parser.add_argument("--phases", help="comma-separated phase indices to score (default: all finished)")
+    parser.add_argument("--include-path", action="store_true", help="print the lm_eval_tasks folder (for --include_path) and exit")
+    return parser
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    if args.include_path:
+        from cft_adapters.tasks_path import tasks_dir
+
+        print(tasks_dir())
+        return 0
+    if args.run_dir is None:
+        parser.print_usage(sys.stderr)
+        print("cft-eval: error: a run directory is required (or --include-path)", file=sys.stderr)
+        return 2
+    console, err = Console(), Console(stderr=True)
+    try:
+        _quiet_libraries()
+        from cft_adapters.rescore import rescore_run
+
+        ok = rescore_run(
+            args.run_dir,
+            console,
+            tasks=args.tasks.split(",") if args.tasks else None,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            base_precision=args.base_precision,
+            phases=[int(p) for p in args.phases.split(",")] if args.phases else None,
+        )
+        return 0 if ok else 1
+    except CftError as exc:
+        for line in exc.problems:
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -458,7 +458,10 @@ def record_evaluation(
 def summary_table(manifest: RunManifest) -> Table:
     table = Table(title=f"run: {manifest.recipe}")
     for col in ("phase", "status", "steps", "tokens", "sec", "tok/s", "peak MB", "loss"):
-        table.add_column(col, justify="left" if col in {"phase", "status"} else "right", overflow="fold")
+        if col == "phase":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     for rec in manifest.phases:
         t = rec.train
         cells = (

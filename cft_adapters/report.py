@@ -159,7 +159,10 @@ def rich_table(manifest: RunManifest, tasks: list[str]) -> Table:
     scores = phase_scores(manifest, tasks)
     table = Table(title="English task ability (EA) and multilingual ability (MA) per phase")
     for col in SUMMARY_COLUMNS:
-        table.add_column(col, justify="left" if col == "phase" else "right", overflow="fold")
+        if col == "phase":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for row in summary_rows(scores):
         table.add_row(*row)
     bwt = backward_transfer(manifest, scores)
