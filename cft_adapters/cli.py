@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         from cft_adapters.phases import PhaseRunner
 
-        PhaseRunner(recipe, args.recipe, console).run()
+        manifest = PhaseRunner(recipe, args.recipe, console).run()
+        failed = [f"{r.index} {r.name}" for r in manifest.phases if r.eval_status == "failed"]
+        if failed:
+            err.print(f"evaluation failed for phase(s) {', '.join(failed)} (see eval_error in run.json); "
+                      f"every checkpoint is kept; retry with: cft-eval {recipe.output_dir}")
+            return 1
         return 0
     except DataError as exc:  # raised with key paths; name the recipe file too
         for line in exc.problems:

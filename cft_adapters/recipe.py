@@ -221,7 +221,7 @@ def source_problems(src: dict[str, Any]) -> list[str]:
         problems.append(f"'columns' is only used with format 'columns', not '{fmt}'")
     if {"max_examples", "fraction"} <= given:
         problems.append("set at most one of 'max_examples' and 'fraction'")
-    hub_only = sorted(given & {"name", "data_files", "revision", "split"})
+    hub_only = sorted(given & {"name", "data_files", "revision"} | ({"split"} if src.get("split", "train") != "train" else set()))
     if "path" in given and hub_only:
         problems.append(f"{', '.join(repr(k) for k in hub_only)} apply to 'hub' sources only (a local file has one split)")
     return problems

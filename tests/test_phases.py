@@ -49,6 +49,13 @@ def test_smoke_run_directory_matches_the_contract(smoke_run: Path) -> None:
     assert not list(smoke_run.rglob(".adapter.tmp-*"))
 
 
+def test_resolved_recipe_loads_back_unchanged(smoke_run: Path) -> None:
+    from cft_adapters.recipe import dump_recipe
+
+    resolved = smoke_run / "recipe.resolved.yaml"
+    assert dump_recipe(load_recipe(resolved)) == resolved.read_text()
+
+
 def test_each_adapter_loads_with_plain_peft(smoke_run: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file

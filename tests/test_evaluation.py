@@ -1,0 +1,126 @@
+"""Every phase scored in-process through lm-eval, on the model in memory, and the same numbers from
+lm-eval's own CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cft_adapters.cli import eval_main, main
+from cft_adapters.evaluation import CheckpointScorer
+from cft_adapters.manifest import RunManifest
+from cft_adapters.modeling import load_base_model, load_tokenizer
+from cft_adapters.recipe import EvalConfig, load_recipe
+from cft_adapters.tasks_path import tasks_dir
+
+from conftest import SMOKE
+
+pytestmark = pytest.mark.slow
+
+
+def test_phases_0_1_2_all_scored_in_run_json(smoke_run: Path) -> None:
+    manifest = RunManifest.read(smoke_run)
+    assert [p.eval_status for p in manifest.phases] == ["done"] * 3
+    for phase in manifest.phases:
+        assert 0.0 <= phase.eval["cft_smoke_en_mc"]["acc"] <= 1.0
+        assert {"langfid", "chrf"} <= set(phase.eval["cft_smoke_ml_fr"])
+        assert phase.eval_groups["cft_smoke_ml"] == ["cft_smoke_ml_de", "cft_smoke_ml_es", "cft_smoke_ml_fr"]
+        results = smoke_run / phase.eval_files[-1]
+        assert results.parent == smoke_run / phase.dirname / "eval"
+        assert json.loads(results.read_text())["results"]["cft_smoke_en_mc"]["acc,none"] == phase.eval["cft_smoke_en_mc"]["acc"]
+    report = (smoke_run / "report.md").read_text()
+    assert "| 2 french_german |" in report and "Backward transfer" in report
+    assert manifest.eval_base_precision == "nf4"
+
+
+def _fresh_scores(manifest: RunManifest, run: Path, eval_cfg: EvalConfig, index: int, tmp_path: Path) -> dict:
+    recipe = load_recipe(run / "recipe.resolved.yaml")
+    base = load_base_model(recipe.model, manifest.base_model_path)
+    tok = load_tokenizer(recipe.model, manifest.base_model_path)
+    record = manifest.phases[index]
+    adapter = run / record.checkpoint if record.checkpoint else None
+    return CheckpointScorer(eval_cfg, tok, base).score(adapter, tmp_path / f"fresh{index}").metrics
+
+
+def test_adapter_swap_scores_exactly_like_a_fresh_load(smoke_run: Path, tmp_path: Path) -> None:
+    manifest = RunManifest.read(smoke_run)
+    recipe = load_recipe(smoke_run / "recipe.resolved.yaml")
+    eval_cfg = EvalConfig(tasks=["cft_smoke_en_mc", "cft_smoke_ml_fr"], limit=6, batch_size=4)
+    base = load_base_model(recipe.model, manifest.base_model_path)
+    scorer = CheckpointScorer(eval_cfg, load_tokenizer(recipe.model, manifest.base_model_path), base)
+    swapped = {}
+    for index in (1, 2, 0, 1):  # swap forward, back to the base, and again
+        record = manifest.phases[index]
+        adapter = smoke_run / record.checkpoint if record.checkpoint else None
+        swapped.setdefault(index, []).append(scorer.score(adapter, tmp_path / f"swap{index}").metrics)
+    assert swapped[1][0] == swapped[1][1]
+    for index in (0, 1, 2):
+        assert swapped[index][0] == _fresh_scores(manifest, smoke_run, eval_cfg, index, tmp_path), index
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory, tiny_model_path) -> Path:
+    out = tmp_path_factory.mktemp("fp32") / "run"
+    assert main([str(SMOKE), f"output_dir={out}", "model.quantization=none", "eval.tasks=[cft_smoke_en]"]) == 0
+    return out
+
+
+def test_stock_lm_eval_cli_reproduces_the_in_process_score(fp32_run: Path, tmp_path: Path) -> None:
+    manifest = RunManifest.read(fp32_run)
+    assert manifest.eval_base_precision == "fp32"
+    adapter = fp32_run / manifest.phases[1].checkpoint
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={manifest.base_model_path},peft={adapter}",
+           "--include_path", str(tasks_dir()), "--tasks", "cft_smoke_en",
+           "--apply_chat_template", "--batch_size", "8", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    recorded = manifest.phases[1].eval
+    assert results["cft_smoke_en_mc"]["acc,none"] == pytest.approx(recorded["cft_smoke_en_mc"]["acc"], abs=1e-6)
+    assert results["cft_smoke_en_mc"]["acc_norm,none"] == pytest.approx(recorded["cft_smoke_en_mc"]["acc_norm"], abs=1e-6)
+    assert results["cft_smoke_en_gen"]["rougeL,none"] == pytest.approx(recorded["cft_smoke_en_gen"]["rougeL"], abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="lm-eval 0.4.13 + transformers 5: the stock CLI cannot load an NF4 base "
+                   "(unexpected keyword 'load_in_4bit'); NF4 scoring goes through cft-eval. If this passes, "
+                   "upstream fixed it: update the README's NF4 note and drop this marker.")
+def test_stock_cli_nf4_base_loads(tiny_model_path: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={tiny_model_path},load_in_4bit=True,bnb_4bit_quant_type=nf4",
+           "--include_path", str(tasks_dir()), "--tasks", "cft_smoke_en_mc", "--limit", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert "load_in_4bit" not in proc.stderr, proc.stderr[-500:]
+    assert proc.returncode == 0
+
+
+def test_failing_task_marks_eval_failed_keeps_adapter_and_cft_eval_retries(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    # cft_langfid_fr reads the Aya suite from the hub, which is switched off here: it fails.
+    code = main([str(SMOKE), f"output_dir={out}", "eval.tasks=[cft_smoke_en_mc, cft_langfid_fr]",
+                 "training.max_steps=2", "eval.limit=4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "evaluation failed for phase(s) 0 base, 1 english, 2 french_german" in err and "cft-eval" in err
+    manifest = RunManifest.read(out)
+    assert [p.status for p in manifest.phases] == ["done"] * 3
+    assert [p.eval_status for p in manifest.phases] == ["failed"] * 3
+    assert all(p.eval_error for p in manifest.phases)
+    assert (out / "phase_2_french_german/adapter/adapter_model.safetensors").is_file()
+
+    assert eval_main([str(out), "--tasks", "cft_smoke_en_mc", "--limit", "4"]) == 0
+    manifest = RunManifest.read(out)
+    assert [p.eval_status for p in manifest.phases] == ["done"] * 3
+    assert all("acc" in p.eval["cft_smoke_en_mc"] for p in manifest.phases)
+    assert (out / "report.md").is_file()
+
+
+def test_cft_eval_errors_are_clean(tmp_path: Path, capsys) -> None:
+    assert eval_main([str(tmp_path)]) == 2
+    assert "no run.json here" in capsys.readouterr().err
+    assert eval_main(["--include-path"]) == 0
+    assert capsys.readouterr().out.strip() == str(tasks_dir())
