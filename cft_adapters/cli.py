@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -45,6 +46,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # lm-eval warns that each ability group's members report different metrics: by design here.
+    # Its level follows LMEVAL_LOG_LEVEL, so a user who sets it keeps their choice.
+    level = logging.getLevelName(os.environ.get("LMEVAL_LOG_LEVEL", "ERROR").upper())
+    logging.getLogger("lm_eval").setLevel(level if isinstance(level, int) else logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

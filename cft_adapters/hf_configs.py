@@ -79,6 +79,6 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         report_to="none",
-        disable_tqdm=True,  # progress is drawn by cft_adapters.progress
+        disable_tqdm=True,  # progress is drawn by cft_adapters.callbacks.RichProgressCallback
         dataloader_pin_memory=torch.cuda.is_available(),
     )

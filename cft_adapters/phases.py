@@ -272,7 +272,7 @@ class PhaseRunner:
                 progress.update(overall, advance=1)
         self.console.print(summary_table(self.manifest))
         if self.recipe.eval.tasks:
-            self.console.print(report.rich_table(self.manifest, self.recipe.eval.tasks))
+            self.console.print(*report.rich_tables(self.manifest, self.recipe.eval.tasks))
             path = report.write_report(self.run_dir, self.manifest, self.recipe.eval.tasks)
             self.console.print(f"report: {path}")
         return self.manifest

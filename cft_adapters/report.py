@@ -132,47 +132,64 @@ def backward_transfer(manifest: RunManifest, scores: list[PhaseScores]) -> float
     return _mean(gaps)
 
 
-def _fmt(value: float | None, signed: bool = False) -> str:
+def _fmt(value: float | None, signed: bool = False, digits: int = 4) -> str:
     if value is None:
         return "-"
-    return f"{value:+.4f}" if signed else f"{value:.4f}"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
 SUMMARY_COLUMNS = ("phase", "EA", "MA seen", "MA unseen", "ΔEA vs 0", "ΔMA vs 0", "ΔEA vs best", "ΔMA vs best", "forgetting")
+_SHORT = ("phase", "EA", "MA-s", "MA-u", "ΔEA0", "ΔMA0", "ΔEAb", "ΔMAb", "forget")
 
 
-def summary_rows(scores: list[PhaseScores]) -> list[list[str]]:
+def summary_rows(scores: list[PhaseScores], digits: int = 4) -> list[list[str]]:
     base = scores[0]
     rows = []
     for k, s in enumerate(scores):
         rows.append([
-            f"{s.index} {s.name}", _fmt(s.ea), _fmt(s.ma_seen), _fmt(s.ma_unseen),
-            _fmt(_delta(s.ea, base.ea), True), _fmt(_delta(s.ma_seen, base.ma_seen), True),
-            _fmt(_delta(s.ea, best_earlier(scores, k, "ea")), True),
-            _fmt(_delta(s.ma_seen, best_earlier(scores, k, "ma_seen")), True),
-            _fmt(forgetting(scores, k)),
+            f"{s.index} {s.name}", _fmt(s.ea, digits=digits), _fmt(s.ma_seen, digits=digits), _fmt(s.ma_unseen, digits=digits),
+            _fmt(_delta(s.ea, base.ea), True, digits), _fmt(_delta(s.ma_seen, base.ma_seen), True, digits),
+            _fmt(_delta(s.ea, best_earlier(scores, k, "ea")), True, digits),
+            _fmt(_delta(s.ma_seen, best_earlier(scores, k, "ma_seen")), True, digits),
+            _fmt(forgetting(scores, k), digits=digits),
         ])
     return rows
 
 
-def rich_table(manifest: RunManifest, tasks: list[str]) -> Table:
+def rich_tables(manifest: RunManifest, tasks: list[str]) -> list[Table]:
+    """The ability summary (rows: phases) and the per-task primary metrics (rows: tasks)."""
+    from rich import box
+
     scores = phase_scores(manifest, tasks)
-    table = Table(title="English task ability (EA) and multilingual ability (MA) per phase")
-    for col in SUMMARY_COLUMNS:
+    summary = Table(title="English task ability (EA), multilingual ability (MA-s seen, MA-u unseen)",
+                    box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for col in _SHORT:
         if col == "phase":
-            table.add_column(col, overflow="fold")
+            summary.add_column(col, no_wrap=True, max_width=14, overflow="ellipsis")
         else:
-            table.add_column(col, justify="right", no_wrap=True)
-    for row in summary_rows(scores):
-        table.add_row(*row)
-    bwt = backward_transfer(manifest, scores)
-    table.caption = f"backward transfer: {_fmt(bwt, True)}; seen languages: {', '.join(sorted(seen_languages(manifest))) or '-'}"
-    return table
+            summary.add_column(col, justify="right", no_wrap=True, min_width=max(6, len(col)))
+    for row in summary_rows(scores, digits=3):
+        summary.add_row(*row)
+    summary.caption = (f"Δ…0: vs phase 0. Δ…b: vs the best earlier phase. forget: EA drop from its best. BWT "
+                       f"{_fmt(backward_transfer(manifest, scores), True, 3)}; seen: "
+                       f"{', '.join(sorted(seen_languages(manifest))) or '-'}")
+    per_task = Table(title="per-task primary metric", box=box.SIMPLE_HEAD)
+    per_task.add_column("task", no_wrap=True)
+    per_task.add_column("metric", no_wrap=True)
+    for s in scores:
+        per_task.add_column(f"{s.index}", justify="right", no_wrap=True)
+    for unit in _ordered_units(scores):
+        per_task.add_row(unit, str(primary_metric(unit)), *(_fmt(s.units.get(unit), digits=3) for s in scores))
+    return [summary, per_task]
+
+
+def _ordered_units(scores: list[PhaseScores]) -> list[str]:
+    return sorted({u for s in scores for u in s.units}, key=lambda u: (task_language(u) != "en", u))
 
 
 def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str]) -> Path:
     scores = phase_scores(manifest, tasks)
-    units = sorted({u for s in scores for u in s.units}, key=lambda u: (task_language(u) != "en", u))
+    units = _ordered_units(scores)
     lines = [
         f"# Run report: {manifest.recipe}",
         "",

@@ -64,6 +64,6 @@ def rescore_run(
         adapter_dir = run_dir / record.checkpoint if record.checkpoint else None
         console.print(f"phase {record.index} '{record.name}': evaluating {', '.join(eval_cfg.tasks)}")
         record_evaluation(manifest, record, scorer, adapter_dir, run_dir, console)
-    console.print(report.rich_table(manifest, eval_cfg.tasks))
+    console.print(*report.rich_tables(manifest, eval_cfg.tasks))
     console.print(f"report: {report.write_report(run_dir, manifest, eval_cfg.tasks)}")
     return all(r.eval_status == "done" for r in wanted)
