@@ -38,7 +38,19 @@ from cft_adapters.manifest import (
     package_versions,
     write_atomic,
 )
-from cft_adapters.recipe import Recipe, dump_recipe, format_loc
+from cft_adapters.placement import (
+    Placement,
+    apply_placement,
+    count_to_freeze,
+    layer_delta_norms,
+    parse_layers,
+    select_layers_most_changed,
+    select_layers_random,
+    select_layers_spectrum,
+    spectrum_scan,
+)
+from cft_adapters.recipe import PlacementConfig, Recipe, dump_recipe, format_loc
+from cft_adapters.tiny import cache_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAIN_STATS = "train.json"
@@ -48,8 +60,6 @@ def unimplemented_features(recipe: Recipe) -> list[str]:
     """Recipe keys that validate but whose feature has not landed yet."""
     found = []
     for i, phase in enumerate(recipe.phases):
-        if phase.placement is not None and phase.placement.strategy != "none":
-            found.append(f"phases[{i}].placement: layer placement is not implemented yet (tracked in its own issue)")
         if phase.replay is not None:
             found.append(f"phases[{i}].replay: replay is not implemented yet (tracked in its own issue)")
     return found
@@ -165,6 +175,7 @@ class PhaseRunner:
         if self.recipe.eval.tasks:
             check_eval_tasks(self.recipe.eval, self.recipe_path)
         check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
+        check_placements(self.recipe, self.recipe_path)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -232,24 +243,82 @@ class PhaseRunner:
         self.manifest.base_model_path = self.base_path
         self.manifest.write(self.run_dir)
 
-    def _adapter_for_phase(self, k: int) -> str | None:
-        """Put phase k's starting adapter in place; return where it came from (None: fresh init)."""
+    def _adapter_for_phase(self, k: int, placement: Placement | None) -> str | None:
+        """Put phase k's starting adapter in place; return where it came from (None: fresh init).
+        A fresh adapter is placed only on the trainable layers (PEFT's layers_to_transform)."""
         training = self.recipe.phase_training(k - 1)
         prev_dir = self.run_dir / self.manifest.phases[k - 1].dirname / "adapter" if k > 1 else None  # type: ignore[union-attr]
         if prev_dir is None:
             from transformers import set_seed
 
             set_seed(training.seed)  # the LoRA init draws from torch's RNG
-            self.model.peft = modeling.new_adapter(self.model.base, self.recipe.adapter)
+            layers = placement.trainable if placement is not None and not placement.modules else None
+            self.model.peft = modeling.new_adapter(self.model.base, self.recipe.adapter, layers)
             return None
         if self.model.peft is None:
             self.model.peft = modeling.load_adapter_for_training(self.model.base, prev_dir)
         else:
             modeling.load_adapter_weights(self.model.peft, prev_dir)
-        for name, param in self.model.peft.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(True)
         return str(prev_dir.relative_to(self.run_dir))
+
+    def _decide_placement(self, k: int) -> Placement | None:
+        cfg = self.recipe.phases[k - 1].placement
+        if cfg is None or cfg.strategy == "none":
+            return None
+        num_layers = self.model.base.config.get_text_config().num_hidden_layers
+        where = f"{self.recipe_path}: phases[{k - 1}].placement"
+        try:
+            return self._choose(k, cfg, num_layers)
+        except ValueError as exc:
+            raise CftError(f"{where}: {exc}") from None
+
+    def _choose(self, k: int, cfg: PlacementConfig, num_layers: int) -> Placement:
+        modules = list(cfg.modules) if cfg.modules else None
+        scores: dict[int, float] = {}
+        detail: dict[str, Any] = {}
+        score_name = None
+        if cfg.strategy == "explicit":
+            frozen = parse_layers(cfg.layers or [], num_layers)
+            if len(frozen) >= num_layers:
+                raise ValueError(f"freezing all {num_layers} layers leaves nothing to train")
+        else:
+            n = count_to_freeze(cfg, num_layers)
+            if cfg.strategy == "random":
+                seed = cfg.seed if cfg.seed is not None else self.recipe.phase_training(k - 1).seed
+                frozen, detail = select_layers_random(num_layers, n, seed), {"seed": seed}
+            elif cfg.strategy == "most_changed":
+                scores, detail = self._adapter_change_scores(k, cfg, num_layers, modules)
+                frozen, score_name = select_layers_most_changed(scores, n), "adapter_update_change_fro"
+            else:
+                scan = spectrum_scan(self.model.base, modules or list(self.recipe.adapter.target_modules),
+                                     f"{self.base_path}|{self.recipe.model.quantization}", cache_dir())
+                scores = {int(layer): value for layer, value in scan["snr"].items()}
+                frozen, score_name = select_layers_spectrum(scores, n), "snr"
+                detail = {"scan_seconds": scan["seconds"], "cache": "spectrum/"}
+        trainable = [i for i in range(num_layers) if i not in frozen]
+        return Placement(cfg.strategy, num_layers, frozen, trainable, modules, score_name, scores, detail)
+
+    def _adapter_change_scores(
+        self, k: int, cfg: PlacementConfig, num_layers: int, modules: list[str] | None
+    ) -> tuple[dict[int, float], dict[str, Any]]:
+        """LF_H2 evidence: per-layer change of the adapter update over the reference phase."""
+        from safetensors.torch import load_file
+
+        names = [p.name for p in self.recipe.phases]
+        ref = names.index(cfg.reference_phase) + 1 if cfg.reference_phase else k - 1
+        records = self.manifest.phases  # type: ignore[union-attr]
+        if ref < 1 or records[ref].status != "done":
+            raise ValueError(f"'most_changed' needs phase {ref} ('{names[ref - 1]}') finished first")
+        end_dir = self.run_dir / records[ref].dirname / "adapter"
+        start_dir = self.run_dir / records[ref - 1].dirname / "adapter" if ref > 1 else None
+        scale = self.recipe.adapter.alpha / self.recipe.adapter.r
+        scores = layer_delta_norms(
+            load_file(str(start_dir / "adapter_model.safetensors")) if start_dir else None,
+            load_file(str(end_dir / "adapter_model.safetensors")), scale, num_layers, modules,
+        )
+        detail = {"reference_phase": names[ref - 1], "start": str(start_dir.relative_to(self.run_dir)) if start_dir else None,
+                  "end": str(end_dir.relative_to(self.run_dir)), "scale": scale}
+        return scores, detail
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -364,8 +433,17 @@ class PhaseRunner:
             "sources": [{"where": s.where, "source": s.source, "examples": s.examples} for s in data.sources],
         }
         self._ensure_base()
-        init_adapter = self._adapter_for_phase(k)
+        placement = self._decide_placement(k)
+        init_adapter = self._adapter_for_phase(k, placement)
         peft_model = self.model.peft
+        trainable = apply_placement(peft_model, placement)
+        if placement is not None:
+            placement.trainable_parameters = trainable
+            record.placement = placement.to_json()
+            write_atomic(phase_dir / "placement.json", json.dumps(record.placement, indent=2) + "\n")
+            self.console.print(f"phase {k} '{phase.name}': {placement.strategy} placement freezes layers "
+                               f"{placement.frozen}; {trainable} trainable parameters")
+            self.manifest.write(self.run_dir)
         modeling.set_gradient_checkpointing(peft_model, training.gradient_checkpointing)
         init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
 
@@ -430,6 +508,24 @@ class PhaseRunner:
         record.checkpoint = str((phase_dir / "adapter").relative_to(self.run_dir))
         record.status, record.error = "done", None
         self.manifest.write(self.run_dir)  # type: ignore[union-attr]
+
+
+def check_placements(recipe: Recipe, source: str) -> None:
+    """Placement errors the model config can reveal (layer ranges, fractions) before any training."""
+    from cft_adapters.placement import describe_for_dry_run, num_layers_from_config
+
+    if not any(p.placement and p.placement.strategy != "none" for p in recipe.phases):
+        return
+    num_layers = num_layers_from_config(recipe.model)
+    problems = []
+    for i, phase in enumerate(recipe.phases):
+        if phase.placement is not None:
+            try:
+                describe_for_dry_run(phase.placement, num_layers, recipe.phase_training(i).seed)
+            except CftError as exc:
+                problems.append(f"{source}: phases[{i}].placement: {exc}")
+    if problems:
+        raise CftError(problems)
 
 
 def record_evaluation(

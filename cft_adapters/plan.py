@@ -8,7 +8,8 @@ from rich.table import Table
 from cft_adapters.data import check_data
 from cft_adapters.errors import DataError
 from cft_adapters.evaluation import unknown_tasks
-from cft_adapters.phases import unimplemented_features
+from cft_adapters.placement import describe_for_dry_run, num_layers_from_config
+from cft_adapters.phases import check_placements, unimplemented_features
 from cft_adapters.recipe import Recipe, TrainingConfig
 
 
@@ -19,6 +20,7 @@ def _training_summary(t: TrainingConfig) -> str:
 
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
+    check_placements(recipe, recipe_path)
     problems = unimplemented_features(recipe)
     if recipe.eval.tasks:
         problems += unknown_tasks(recipe.eval.tasks)
@@ -35,6 +37,7 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
                   + f", quantization {m.quantization}, compute {m.compute_dtype}")
     a = recipe.adapter
     console.print(f"[bold]adapter[/] LoRA r={a.r} alpha={a.alpha:g} dropout={a.dropout:g} on {', '.join(a.target_modules)}")
+    num_layers = num_layers_from_config(recipe.model)
     table = Table(title="phase plan")
     for col in ("phase", "data", "examples", "languages", "training", "placement", "replay"):
         table.add_column(col, overflow="fold")
@@ -49,7 +52,7 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
             str(sum(counts)) if all(c is not None for c in counts) else "unknown (hub)",
             ", ".join(sorted({lang for s in summaries for lang in s.languages})) or "-",
             _training_summary(training),
-            phase.placement.strategy if phase.placement else "none",
+            describe_for_dry_run(phase.placement, num_layers, training.seed) if phase.placement else "none",
             f"{phase.replay.kind} {phase.replay.ratio:g}" if phase.replay else "none",
         )
     console.print(table)

@@ -371,6 +371,16 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
         ref = placement.get("reference_phase") if isinstance(placement, dict) else None
         if ref is not None and seen.get(ref, i) >= i:
             problems.append((f"phases[{i}].placement.reference_phase", f"'{ref}' must name an earlier phase of this recipe"))
+        if isinstance(placement, dict) and placement.get("strategy") == "most_changed" and i == 0:
+            problems.append((f"phases[{i}].placement.strategy", "'most_changed' ranks layers by an earlier trained "
+                             "phase's adapter change, and this is the first phase"))
+        if isinstance(placement, dict) and isinstance(placement.get("layers"), str):
+            from cft_adapters.placement import parse_layers
+
+            try:
+                parse_layers(placement["layers"])
+            except ValueError as exc:
+                problems.append((f"phases[{i}].placement.layers", str(exc)))
         datasets = phase.get("datasets")
         for j, src in enumerate(datasets if isinstance(datasets, list) else []):
             if isinstance(src, dict):

@@ -1,0 +1,246 @@
+"""Layer freezing as adapter placement: which layers' LoRA adapters train in a phase.
+
+With a frozen 4-bit base, "freezing a layer" means its adapters do not train in that phase. The
+strategies are pure functions over layer counts and per-layer scores, testable without training:
+
+- explicit: the listed layers are frozen.
+- random (the paper's LF_H1): a seeded random choice of layers.
+- most_changed (LF_H2): the layers whose adapter update moved most during a reference phase. Our
+  definition, since the paper leaves it loose: per layer, the sum over its adapted modules of
+  ‖scale · (B_end·A_end − B_start·A_start)‖_F, where start/end are the adapter before and after the
+  reference phase (a fresh adapter starts at B = 0, so its update starts at zero).
+- spectrum: per layer, the mean signal-to-noise ratio of its base weight matrices (Spectrum,
+  Hartford et al. 2024): singular values above the Marchenko–Pastur bound are signal, the rest noise,
+  with the noise scale estimated from the singular values' interquartile range. The lowest-SNR layers
+  are frozen, so the highest-SNR share trains. Spectrum's released code further divides by the
+  largest singular value; that makes the score depend on the matrix's scale (it ranked pure noise
+  above low-rank signal plus noise in our check), so we use the scale-free ratio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cft_adapters.errors import CftError
+from cft_adapters.recipe import PlacementConfig
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class Placement:
+    """A phase's choice, with the evidence for it (written to placement.json and run.json)."""
+
+    strategy: str
+    num_layers: int
+    frozen: list[int]
+    trainable: list[int]
+    modules: list[str] | None = None
+    score_name: str | None = None
+    scores: dict[int, float] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
+    trainable_parameters: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scores"] = {str(k): v for k, v in self.scores.items()}
+        return data
+
+
+# -- choosing -------------------------------------------------------------------------------------
+
+
+def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[int]:
+    """'0-7,12' or [0, 1] -> sorted unique indices, checked against num_layers when known."""
+    if isinstance(spec, list):
+        layers = list(spec)
+    else:
+        layers = []
+        for part in (p.strip() for p in spec.split(",")):
+            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not match:
+                raise ValueError(f"cannot read layer range '{part}' (expected e.g. '0-7,12')")
+            lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+            if hi < lo:
+                raise ValueError(f"layer range '{part}' runs backwards")
+            layers.extend(range(lo, hi + 1))
+    if num_layers is not None:
+        bad = [i for i in layers if i < 0 or i >= num_layers]
+        if bad:
+            raise ValueError(f"layer(s) {bad} out of range: the model has layers 0-{num_layers - 1}")
+    return sorted(set(layers))
+
+
+def count_to_freeze(cfg: PlacementConfig, num_layers: int) -> int:
+    n = cfg.count if cfg.count is not None else round(float(cfg.fraction or 0) * num_layers)
+    if n < 1:
+        raise ValueError(f"fraction {cfg.fraction} of {num_layers} layers freezes none; raise it or use count")
+    if n >= num_layers:
+        raise ValueError(f"freezing {n} of {num_layers} layers leaves nothing to train")
+    return n
+
+
+def select_layers_random(num_layers: int, n: int, seed: int) -> list[int]:
+    return sorted(random.Random(seed).sample(range(num_layers), n))
+
+
+def select_layers_most_changed(delta_norms: dict[int, float], n: int) -> list[int]:
+    """The n layers with the largest adapter-update change (ties: lower index first)."""
+    return sorted(sorted(delta_norms, key=lambda i: (-delta_norms[i], i))[:n])
+
+
+def select_layers_spectrum(snr: dict[int, float], n: int) -> list[int]:
+    """The n layers with the lowest SNR (ties: lower index first)."""
+    return sorted(sorted(snr, key=lambda i: (snr[i], i))[:n])
+
+
+# -- scores ---------------------------------------------------------------------------------------
+
+
+def layer_of(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _module_of(name: str) -> str:
+    """'...layers.3.self_attn.q_proj.lora_A.weight' -> 'q_proj'."""
+    return name.split(".lora_")[0].rsplit(".", 1)[-1]
+
+
+def lora_updates(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """{module path: scale·B·A} from a PEFT adapter state dict (lora_A / lora_B pairs)."""
+    out = {}
+    for name, a in state.items():
+        if ".lora_A." not in name:
+            continue
+        b = state[name.replace(".lora_A.", ".lora_B.")]
+        out[name.split(".lora_A.")[0]] = scale * (b.float() @ a.float())
+    return out
+
+
+def layer_delta_norms(
+    start: dict[str, torch.Tensor] | None, end: dict[str, torch.Tensor], scale: float,
+    num_layers: int, modules: list[str] | None = None,
+) -> dict[int, float]:
+    """Per layer: sum over adapted modules of ‖scale·(B_e A_e − B_s A_s)‖_F (start None: zero)."""
+    after = lora_updates(end, scale)
+    before = lora_updates(start, scale) if start is not None else {}
+    norms = {i: 0.0 for i in range(num_layers)}
+    for path, update in after.items():
+        layer = layer_of(path + ".")
+        if layer is None or (modules and path.rsplit(".", 1)[-1] not in modules):
+            continue
+        delta = update - before[path] if path in before else update
+        norms[layer] += float(torch.linalg.matrix_norm(delta))
+    return norms
+
+
+def matrix_snr(weight: torch.Tensor) -> float:
+    """Σ singular values above the Marchenko–Pastur bound / Σ those below it."""
+    s = torch.linalg.svdvals(weight.float())
+    m, n = weight.shape
+    beta = min(m, n) / max(m, n)
+    sigma = (torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
+    threshold = sigma * (1 + beta**0.5)
+    signal, noise = s[s > threshold].sum(), s[s <= threshold].sum()
+    return float(signal / noise) if noise > 0 else float("inf")
+
+
+def _dense_weight(module: Any) -> torch.Tensor:
+    """The module's weight in floating point; NF4 weights are dequantized."""
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, quant_state)
+    return weight.data
+
+
+def spectrum_scan(base: Any, target_modules: list[str], cache_key: str, cache_root: Path) -> dict[str, Any]:
+    """Per-layer mean SNR over the target modules of the base; cached per base model."""
+    digest = hashlib.sha256(json.dumps([cache_key, sorted(target_modules), 1]).encode()).hexdigest()[:16]
+    cache = cache_root / "spectrum" / f"{digest}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    started = time.perf_counter()
+    per_layer: dict[int, list[float]] = {}
+    for name, module in base.named_modules():
+        layer = layer_of(name + ".")
+        if layer is None or name.rsplit(".", 1)[-1] not in target_modules or getattr(module, "weight", None) is None:
+            continue
+        dense = _dense_weight(module)
+        if dense.ndim == 2:
+            per_layer.setdefault(layer, []).append(matrix_snr(dense))
+    result = {
+        "snr": {str(k): sum(v) / len(v) for k, v in sorted(per_layer.items())},
+        "seconds": round(time.perf_counter() - started, 3),
+        "base": cache_key,
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# -- applying -------------------------------------------------------------------------------------
+
+
+def apply_placement(peft_model: Any, placement: Placement | None) -> int:
+    """Set requires_grad on every LoRA parameter for this phase; return the trainable count."""
+    frozen = set(placement.frozen) if placement else set()
+    modules = set(placement.modules) if placement and placement.modules else None
+    total = 0
+    for name, param in peft_model.named_parameters():
+        if "lora_" not in name:
+            continue
+        layer = layer_of(name)
+        freeze = layer in frozen and (modules is None or _module_of(name) in modules)
+        param.requires_grad_(not freeze)
+        total += 0 if freeze else param.numel()
+    return total
+
+
+def describe_for_dry_run(cfg: PlacementConfig, num_layers: int | None, seed: int) -> str:
+    """What --dry-run can say without training: the layers for explicit/random, the rule otherwise."""
+    if cfg.strategy == "none":
+        return "none"
+    try:
+        if cfg.strategy == "explicit":
+            return f"explicit: freeze {parse_layers(cfg.layers or [], num_layers)}"
+        if num_layers is None:
+            return f"{cfg.strategy} (layer count unknown until the model config is available)"
+        n = count_to_freeze(cfg, num_layers)
+        if cfg.strategy == "random":
+            return f"random: freeze {select_layers_random(num_layers, n, cfg.seed if cfg.seed is not None else seed)}"
+        return f"{cfg.strategy}: freeze {n} of {num_layers} layers (chosen when the phase starts)"
+    except ValueError as exc:
+        raise CftError(str(exc)) from None
+
+
+def num_layers_from_config(model: Any) -> int | None:
+    """The layer count from the model config alone (no weights), or None where that needs the hub."""
+    from cft_adapters.recipe import BUILTIN_PREFIX
+    from cft_adapters.tiny import BUILTIN_MODELS
+
+    name = model.name_or_path
+    if name.startswith(BUILTIN_PREFIX):
+        spec = BUILTIN_MODELS.get(name.removeprefix(BUILTIN_PREFIX))
+        return spec["num_hidden_layers"] if spec else None
+    if model.gguf_file:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except Exception:  # offline, gated, or not a model: the caller says "unknown"
+        return None
+    return config.get_text_config().num_hidden_layers
