@@ -215,7 +215,10 @@ def describe_for_dry_run(cfg: PlacementConfig, num_layers: int | None, seed: int
         return "none"
     try:
         if cfg.strategy == "explicit":
-            return f"explicit: freeze {parse_layers(cfg.layers or [], num_layers)}"
+            frozen = parse_layers(cfg.layers or [], num_layers)
+            if num_layers is not None and len(frozen) >= num_layers:
+                raise ValueError(f"freezing all {num_layers} layers leaves nothing to train")
+            return f"explicit: freeze {frozen}"
         if num_layers is None:
             return f"{cfg.strategy} (layer count unknown until the model config is available)"
         n = count_to_freeze(cfg, num_layers)
