@@ -214,6 +214,64 @@ def check_data(recipe: Recipe) -> dict[int, list[SourceSummary]]:
                 found.setdefault(i, []).append(preview_source(src, f"phases[{i}].datasets[{j}]"))
             except DataError as exc:
                 problems += exc.problems
+        replay = phase.replay
+        extra = [(replay.prompts, "prompts", True), (replay.source, "source", False)] if replay else []
+        for src, key, prompts_only in extra:
+            if src is None:
+                continue
+            try:
+                preview_prompts(src, f"phases[{i}].replay.{key}") if prompts_only else preview_source(src, f"phases[{i}].replay.{key}")
+            except DataError as exc:
+                problems += exc.problems
     if problems:
         raise DataError(problems)
     return found
+
+
+def to_prompt(row: dict[str, Any], src: DatasetSource, where: str) -> list[dict[str, str]]:
+    """Only the prompt side of a row (generative replay answers it): alpaca instruction (+ input),
+    the chat turns before the last assistant answer, or the mapped prompt column."""
+    if src.format == "alpaca":
+        instruction, extra = _text(row, "instruction", where), row.get("input") or ""
+        return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}]
+    if src.format == "messages":
+        turns = row.get(src.messages_column)
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
+            turns = turns[:-1]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: column '{src.messages_column}': expected a non-empty chat list")
+        return [{"role": t["role"], "content": t["content"]} for t in turns]
+    assert src.columns is not None
+    return [{"role": "user", "content": _text(row, src.columns.prompt, where)}]
+
+
+def load_prompts(src: DatasetSource, where: str, seed: int) -> list[dict[str, Any]]:
+    """Prompts of a source in a seeded order, each with its language tag."""
+    raw = _load_raw(src, where, streaming=False)
+    needed = {"alpaca": ["instruction"], "messages": [src.messages_column]}.get(
+        src.format, [src.columns.prompt] if src.columns else [])
+    needed += [src.language_column] if src.language_column else []
+    missing = [c for c in needed if c not in raw.column_names]
+    if missing:
+        raise DataError(f"{where}: {src.describe()}: missing column(s) {', '.join(repr(m) for m in missing)} "
+                        f"(found: {', '.join(raw.column_names)})")
+    if len(raw) == 0:
+        raise DataError(f"{where}: {src.describe()}: the prompt source is empty")
+    order = np.random.default_rng(seed).permutation(len(raw)).tolist()
+    if src.max_examples is not None:
+        order = order[: src.max_examples]
+    out = []
+    for i in order:
+        row = raw[i]
+        language = src.language if src.language is not None else _text(row, str(src.language_column), where)
+        out.append({"prompt": to_prompt(row, src, f"{where} row {i}"), "language": language})
+    return out
+
+
+def preview_prompts(src: DatasetSource, where: str, rows: int = 2) -> list[list[dict[str, str]]]:
+    """Dry-run check of a prompt source: the first rows convert to prompts."""
+    raw = _load_raw(src, where, streaming=True)
+    first = list(itertools.islice(iter(raw), rows))
+    if not first:
+        raise DataError(f"{where}: {src.describe()}: the prompt source is empty")
+    return [to_prompt(row, src, f"{where} row {i}") for i, row in enumerate(first)]

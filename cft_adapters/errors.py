@@ -21,10 +21,6 @@ class DataError(CftError):
     """A data source cannot be read or does not have the expected shape."""
 
 
-class NotImplementedYet(CftError):
-    """A recipe key that is validated but whose feature has not landed yet."""
-
-
 class RunError(CftError):
     """The run directory does not fit this recipe, or a phase failed."""
 

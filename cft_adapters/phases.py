@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -22,11 +23,12 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from transformers import TrainerCallback
 
 from cft_adapters import modeling, report
 from cft_adapters.callbacks import NonFiniteGuard, NonFiniteLossError, RichProgressCallback
 from cft_adapters.data import PhaseData, check_data, load_phase_data
-from cft_adapters.errors import CftError, NotImplementedYet, RunError
+from cft_adapters.errors import CftError, RunError
 from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
 from cft_adapters.hf_configs import sft_config
 from cft_adapters.manifest import (
@@ -49,20 +51,12 @@ from cft_adapters.placement import (
     select_layers_spectrum,
     spectrum_scan,
 )
-from cft_adapters.recipe import PlacementConfig, Recipe, dump_recipe, format_loc
+from cft_adapters.recipe import PlacementConfig, Recipe, ReplayConfig, dump_recipe, format_loc
+from cft_adapters.replay import REPLAY_FILE, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
 from cft_adapters.tiny import cache_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAIN_STATS = "train.json"
-
-
-def unimplemented_features(recipe: Recipe) -> list[str]:
-    """Recipe keys that validate but whose feature has not landed yet."""
-    found = []
-    for i, phase in enumerate(recipe.phases):
-        if phase.replay is not None:
-            found.append(f"phases[{i}].replay: replay is not implemented yet (tracked in its own issue)")
-    return found
 
 
 def phase_config_digest(recipe: Recipe, k: int) -> str:
@@ -72,7 +66,7 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
         "adapter": recipe.adapter.model_dump(mode="json"),
         "phases": [
             {
-                **recipe.phases[i].model_dump(mode="json", exclude={"training"}),
+                **recipe.run_phases()[i].model_dump(mode="json", exclude={"training"}),
                 "training": recipe.phase_training(i).model_dump(mode="json"),
             }
             for i in range(k)
@@ -161,6 +155,7 @@ class PhaseRunner:
         self.recipe_path = recipe_path
         self.console = console or Console()
         self.run_dir = Path(recipe.output_dir)
+        self.phases = recipe.run_phases()  # the recipe's phases, or the single mixed-baseline phase
         self.model = _Model()
         self._eval_scorer: CheckpointScorer | None = None
         self.base_path: str | None = None
@@ -169,9 +164,6 @@ class PhaseRunner:
     # -- setup ----------------------------------------------------------------------------------
 
     def _setup_run_dir(self) -> RunManifest:
-        problems = unimplemented_features(self.recipe)
-        if problems:
-            raise NotImplementedYet([f"{self.recipe_path}: {p}" for p in problems])
         if self.recipe.eval.tasks:
             check_eval_tasks(self.recipe.eval, self.recipe_path)
         check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
@@ -182,8 +174,8 @@ class PhaseRunner:
             raise CftError(f"{self.recipe_path}: output_dir: cannot create run directory '{self.run_dir}': {exc.strerror}") from None
         old = read_manifest(self.run_dir)
         records = []
-        for k in range(len(self.recipe.phases) + 1):
-            name = "base" if k == 0 else self.recipe.phases[k - 1].name
+        for k in range(len(self.phases) + 1):
+            name = "base" if k == 0 else self.phases[k - 1].name
             digest = None if k == 0 else phase_config_digest(self.recipe, k)
             prior = old.phases[k] if old is not None and k < len(old.phases) else None
             if prior is not None and prior.status == "done" and k > 0:
@@ -262,7 +254,7 @@ class PhaseRunner:
         return str(prev_dir.relative_to(self.run_dir))
 
     def _decide_placement(self, k: int) -> Placement | None:
-        cfg = self.recipe.phases[k - 1].placement
+        cfg = self.phases[k - 1].placement
         if cfg is None or cfg.strategy == "none":
             return None
         num_layers = self.model.base.config.get_text_config().num_hidden_layers
@@ -304,7 +296,7 @@ class PhaseRunner:
         """LF_H2 evidence: per-layer change of the adapter update over the reference phase."""
         from safetensors.torch import load_file
 
-        names = [p.name for p in self.recipe.phases]
+        names = [p.name for p in self.phases]
         ref = names.index(cfg.reference_phase) + 1 if cfg.reference_phase else k - 1
         records = self.manifest.phases  # type: ignore[union-attr]
         if ref < 1 or records[ref].status != "done":
@@ -329,9 +321,9 @@ class PhaseRunner:
             TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=self.console,
         )
         with progress:
-            overall = progress.add_task("phases", total=len(self.recipe.phases), loss="")
+            overall = progress.add_task("phases", total=len(self.phases), loss="")
             self._maybe_evaluate(0)
-            for k in range(1, len(self.recipe.phases) + 1):
+            for k in range(1, len(self.phases) + 1):
                 record = self.manifest.phases[k]
                 if record.status == "done":
                     self.console.print(f"phase {k} '{record.name}': done, skipped")
@@ -424,7 +416,7 @@ class PhaseRunner:
         from transformers.trainer_callback import PrinterCallback
         from trl import SFTTrainer
 
-        phase = self.recipe.phases[k - 1]
+        phase = self.phases[k - 1]
         training = self.recipe.phase_training(k - 1)
         data: PhaseData = load_phase_data(phase, k - 1, training.seed)
         record.data = {
@@ -445,6 +437,7 @@ class PhaseRunner:
                                f"{placement.frozen}; {trainable} trainable parameters")
             self.manifest.write(self.run_dir)
         modeling.set_gradient_checkpointing(peft_model, training.gradient_checkpointing)
+        pool = self._replay_pool(k, phase_dir, len(data.dataset), init_adapter) if phase.replay else None
         init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
 
         trainer_dir = self._trainer_dir(record)
@@ -458,6 +451,9 @@ class PhaseRunner:
             callbacks=[NonFiniteGuard(peft_model), RichProgressCallback(progress, f"phase {k} {phase.name}")],
         )
         trainer.remove_callback(PrinterCallback)
+        collator = self._attach_replay(trainer, pool, phase.replay, training.seed) if pool is not None else None
+        if training.token_budget is not None:
+            size_to_token_budget(trainer, training.token_budget)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         if resume:
@@ -485,10 +481,46 @@ class PhaseRunner:
             init_digest=init_digest,
             final_digest=modeling.tensors_digest(final),
         )
+        if collator is not None:
+            record.replay = {
+                "kind": phase.replay.kind,
+                "ratio_requested": phase.replay.ratio,
+                "ratio_achieved": round(collator.achieved_ratio, 6),
+                "replayed_examples": collator.replayed,
+                "stream_examples": collator.seen,
+                "replay_tokens": collator.replay_tokens,
+                "pool_examples": len(pool.rows),
+                "pool_reused": pool.reused,
+                "file": str((phase_dir / REPLAY_FILE).relative_to(self.run_dir)),
+                "generation": pool.generation,
+            }
         write_atomic(phase_dir / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
         self._save_adapter_atomically(peft_model, phase_dir, stats)
         shutil.rmtree(trainer_dir, ignore_errors=True)  # optimizer state is only needed to resume
         self._mark_done(record, stats, phase_dir)
+
+    def _replay_pool(self, k: int, phase_dir: Path, phase_examples: int, init_adapter: str | None) -> ReplayPool:
+        """Built once per phase before training (the model in memory holds phase k-1's adapter)."""
+        cfg = self.phases[k - 1].replay
+        assert cfg is not None
+        return build_pool(
+            cfg, where=f"phases[{k - 1}].replay", phase_dir=phase_dir, phase_examples=phase_examples,
+            seed=self.recipe.phase_training(k - 1).seed, model=self.model.peft, tokenizer=self.model.tokenizer,
+            source_model=init_adapter or "base (fresh adapter)",
+            earlier_sources=[src for p in self.phases[: k - 1] for src in p.datasets], console=self.console,
+        )
+
+    @staticmethod
+    def _attach_replay(trainer: Any, pool: ReplayPool, cfg: ReplayConfig, seed: int) -> ReplayCollator:
+        # The replay pool goes through TRL's own dataset preparation (chat template, tokenization,
+        # completion mask), so replay examples are masked exactly like phase examples.
+        prepared = trainer._prepare_dataset(pool.to_dataset(), trainer.processing_class, trainer.args,
+                                            packing=False, formatting_func=None, dataset_name="replay")
+        keep = [c for c in prepared.column_names if c not in ("prompt", "completion")]
+        collator = ReplayCollator(trainer.data_collator, prepared.select_columns(keep).to_list(), cfg.ratio, seed)
+        trainer.data_collator = collator
+        trainer.add_callback(ReplayPositionCallback(collator))
+        return collator
 
     def _save_adapter_atomically(self, peft_model: Any, phase_dir: Path, stats: TrainStats) -> None:
         """Write the adapter to a temporary folder, then rename it into place in one step."""
@@ -508,6 +540,29 @@ class PhaseRunner:
         record.checkpoint = str((phase_dir / "adapter").relative_to(self.run_dir))
         record.status, record.error = "done", None
         self.manifest.write(self.run_dir)  # type: ignore[union-attr]
+
+
+class TokenBudgetCallback(TrainerCallback):
+    """Stops the phase once the trainer has seen `budget` non-padding input tokens."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.num_input_tokens_seen >= self.budget:
+            control.should_training_stop = True
+
+
+def size_to_token_budget(trainer: Any, budget: int) -> None:
+    """Size max_steps (and so the LR schedule) to the budget from the prepared data's token count,
+    and stop exactly when the budget is reached (within the last optimizer step)."""
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    args = trainer.args
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps_per_epoch = max(1, math.ceil(len(lengths) / per_step))
+    tokens_per_step = sum(lengths) / steps_per_epoch
+    args.max_steps = math.ceil(budget / tokens_per_step) + 1
+    trainer.add_callback(TokenBudgetCallback(budget))
 
 
 def check_placements(recipe: Recipe, source: str) -> None:

@@ -9,7 +9,7 @@ from cft_adapters.data import check_data
 from cft_adapters.errors import DataError
 from cft_adapters.evaluation import unknown_tasks
 from cft_adapters.placement import describe_for_dry_run, num_layers_from_config
-from cft_adapters.phases import check_placements, unimplemented_features
+from cft_adapters.phases import check_placements
 from cft_adapters.recipe import Recipe, TrainingConfig
 
 
@@ -21,9 +21,7 @@ def _training_summary(t: TrainingConfig) -> str:
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
     check_placements(recipe, recipe_path)
-    problems = unimplemented_features(recipe)
-    if recipe.eval.tasks:
-        problems += unknown_tasks(recipe.eval.tasks)
+    problems = unknown_tasks(recipe.eval.tasks) if recipe.eval.tasks else []
     try:
         sources = check_data(recipe)
     except DataError as exc:

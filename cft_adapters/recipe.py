@@ -107,6 +107,11 @@ class TrainingConfig(_Strict):
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only, not on the prompt.")
     logging_steps: int = Field(10, ge=1, description="Steps between loss logs.")
     save_steps: int = Field(100, ge=1, description="Steps between resumable trainer checkpoints.")
+    token_budget: int | None = Field(
+        None, ge=1,
+        description="Train the phase on this many non-padding input tokens (replay included), then stop; the "
+        "learning-rate schedule is sized to the budget. For comparing conditions at equal tokens.",
+    )
 
 
 def _overrides_model(base: type[BaseModel], name: str) -> type[BaseModel]:
@@ -272,8 +277,16 @@ class ReplayConfig(_Strict):
     ratio: float = Field(gt=0, lt=1, description="Share of this phase's training examples that are replay.")
     prompts: DatasetSource | None = Field(None, description="generative: English prompts to answer.")
     source: DatasetSource | None = Field(None, description="real: English examples (default: earlier phases' data).")
-    max_new_tokens: int = Field(256, ge=1, description="generative: answer length cap (greedy decoding).")
-    pool_size: int | Literal["auto"] = Field("auto", description="How many replay examples to prepare.")
+    max_new_tokens: int = Field(256, ge=1, description="generative: answer length cap.")
+    min_new_tokens: int = Field(0, ge=0, description="generative: generate at least this many tokens before the end token is allowed.")
+    generation_batch_size: int = Field(16, ge=1, description="generative: prompts per generate() call.")
+    do_sample: bool = Field(False, description="generative: sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="generative: sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="generative: nucleus sampling (with do_sample).")
+    pool_size: int | Literal["auto"] = Field(
+        "auto", description="Distinct replay examples to prepare. auto: ceil(ratio × phase examples), enough for one "
+        "pass; the pool cycles over later epochs."
+    )
 
     @model_validator(mode="after")
     def _kind_needs(self) -> ReplayConfig:
@@ -309,6 +322,17 @@ class Recipe(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training defaults for every phase.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after phase 0 and every phase.")
     phases: list[PhaseConfig] = Field(min_length=1, description="Training phases in order (phase 0, the base, is implicit).")
+    mixed_baseline: bool = Field(
+        False,
+        description="The paper's baseline: train ONE phase, 'mixed', on the union of every phase's data (top-level "
+        "training settings). Set training.token_budget to compare with the phased run at equal tokens.",
+    )
+
+    def run_phases(self) -> list[PhaseConfig]:
+        """The phases the runner trains: the recipe's, or the single mixed phase."""
+        if not self.mixed_baseline:
+            return self.phases
+        return [PhaseConfig(name="mixed", datasets=[src for p in self.phases for src in p.datasets])]
 
     def phase_training(self, index: int) -> TrainingConfig:
         """Effective training config of phases[index]: defaults with that phase's overrides."""
@@ -358,6 +382,12 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     phases = raw.get("phases")
     if not isinstance(phases, list):
         return problems
+    if raw.get("mixed_baseline") is True:
+        for i, phase in enumerate(phases):
+            for key in ("placement", "replay", "training"):
+                if isinstance(phase, dict) and phase.get(key):
+                    problems.append((f"phases[{i}].{key}", f"not used with mixed_baseline: the single mixed phase "
+                                     "takes the top-level training settings"))
     seen: dict[str, int] = {}
     for i, phase in enumerate(phases):
         if not isinstance(phase, dict):
@@ -371,6 +401,10 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
         ref = placement.get("reference_phase") if isinstance(placement, dict) else None
         if ref is not None and seen.get(ref, i) >= i:
             problems.append((f"phases[{i}].placement.reference_phase", f"'{ref}' must name an earlier phase of this recipe"))
+        replay = phase.get("replay")
+        if isinstance(replay, dict) and replay.get("kind") == "real" and not replay.get("source") and i == 0:
+            problems.append((f"phases[{i}].replay", "real replay without 'source' replays earlier phases' data, "
+                             "and this is the first phase"))
         if isinstance(placement, dict) and placement.get("strategy") == "most_changed" and i == 0:
             problems.append((f"phases[{i}].placement.strategy", "'most_changed' ranks layers by an earlier trained "
                              "phase's adapter change, and this is the first phase"))

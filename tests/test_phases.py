@@ -255,3 +255,21 @@ def test_unrecorded_adapter_from_other_settings_is_kept_aside(smoke_run: Path, t
     aside = list((run / "phase_2_french_german").glob("adapter.stale-*"))
     assert len(aside) == 1 and _file_hashes(aside[0]) == old
     assert _file_hashes(run / "phase_2_french_german/adapter") != old
+
+
+VARIANTS = sorted(p.name for p in SMOKE.parent.glob("smoke_*.yaml"))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_shipped_smoke_variant_runs_end_to_end(name: str, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert main([str(SMOKE.parent / name), f"output_dir={out}", "eval.tasks=[]"]) == 0
+    manifest = RunManifest.read(out)
+    assert all(p.status == "done" for p in manifest.phases)
+    last = manifest.phases[-1]
+    if "_gr" in name or "_er" in name:
+        assert (out / last.dirname / "replay.jsonl").is_file() and last.replay["replayed_examples"] > 0
+    if "_lf_" in name or "spectrum" in name:
+        assert (out / last.dirname / "placement.json").is_file() and len(last.placement["frozen"]) == 2
+    if "mixed" in name:
+        assert [p.name for p in manifest.phases] == ["base", "mixed"]

@@ -104,13 +104,6 @@ def test_slot_rules_for_placement_and_replay(tmp_path) -> None:
     assert "phases[0].replay: kind 'generative' needs 'prompts'" in text
 
 
-def test_placement_and_replay_are_not_implemented_yet(tmp_path, capsys) -> None:
-    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
-    code, output = _run_cli(capsys, [str(path), "--dry-run", "phases[0].placement={strategy: random, fraction: 0.5}"])
-    assert code == 2
-    assert "phases[0].placement: layer placement is not implemented yet" in output
-
-
 def test_split_on_local_file_is_refused(tmp_path) -> None:
     path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
     with pytest.raises(RecipeError, match=r"phases\[0\]\.datasets\[0\]: 'split' apply to 'hub' sources only"):

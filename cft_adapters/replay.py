@@ -1,0 +1,203 @@
+"""Replay: English examples mixed into a later phase's batches by a data collator.
+
+- generative (the paper's GR_5 / GR_10): before phase k, the phase k-1 model answers English
+  prompts (the English versions of phase k's instructions); the answers are the replay pool.
+- real (ER): real English examples, from a given source or from the earlier phases' data.
+
+`ratio` is the share of the *examples in this phase's training stream* that are replay. The
+`ReplayCollator` swaps replay examples into the phase's batches on a deterministic schedule: example
+slot p is replay when floor((p+1)·ratio) − floor(p·ratio) = 1. So every window of 1/ratio
+consecutive examples holds exactly one replay example (exact for ratios like 0.05 or 0.1; otherwise
+the count in any window is the floor or ceiling of window·ratio). Swapping, not inserting, keeps the
+phase's steps, batch shapes and token budget those of the phase, so conditions compare at equal
+compute. Replay examples are tokenized by TRL exactly like phase examples, so they carry the same
+completion-only loss mask.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from cft_adapters.data import load_prompts, load_source
+from cft_adapters.errors import CftError
+from cft_adapters.manifest import write_atomic
+from cft_adapters.recipe import DatasetSource, ReplayConfig
+
+REPLAY_FILE = "replay.jsonl"
+
+
+def is_replay_slot(position: int, ratio: float) -> bool:
+    return math.floor((position + 1) * ratio) - math.floor(position * ratio) == 1
+
+
+def pool_size(cfg: ReplayConfig, phase_examples: int, available: int) -> int:
+    """auto: enough distinct replay examples for one pass over the phase (ratio × examples)."""
+    wanted = math.ceil(cfg.ratio * phase_examples) if cfg.pool_size == "auto" else int(cfg.pool_size)
+    return max(1, min(wanted, available))
+
+
+@dataclass
+class ReplayPool:
+    kind: str
+    rows: list[dict[str, Any]]  # {"prompt": [messages], "answer": str, "source": str, ...}
+    generation: dict[str, Any] | None = None
+    reused: bool = False
+
+    def to_dataset(self) -> Any:
+        import datasets
+
+        return datasets.Dataset.from_list(
+            [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["answer"]}]} for r in self.rows]
+        )
+
+
+class ReplayCollator:
+    """Wraps the collator TRL would use; swaps replay examples into each batch on the schedule."""
+
+    def __init__(self, collator: Any, replay_features: list[dict[str, Any]], ratio: float, seed: int):
+        if not replay_features:
+            raise CftError("replay pool is empty")
+        self.collator = collator
+        self.features = replay_features
+        self.ratio = ratio
+        self.order = list(range(len(replay_features)))
+        random.Random(seed).shuffle(self.order)
+        self.position = 0  # index of the next example slot in this phase's stream
+        self.seen = 0
+        self.replayed = 0
+        self.replay_tokens = 0
+
+    def seek(self, position: int) -> None:
+        """Resume: continue the schedule where the checkpoint left off."""
+        self.position = position
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        batch = []
+        for feature in features:
+            if is_replay_slot(self.position, self.ratio):
+                replay = self.features[self.order[self.replayed % len(self.order)]]
+                feature = {key: replay[key] for key in feature if key in replay}
+                self.replayed += 1
+                self.replay_tokens += len(feature["input_ids"])
+            batch.append(feature)
+            self.position += 1
+            self.seen += 1
+        return self.collator(batch)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.replayed / self.seen if self.seen else 0.0
+
+
+class ReplayPositionCallback(TrainerCallback):
+    """On a resumed phase the trainer skips batches without collating them; keep the schedule."""
+
+    def __init__(self, collator: ReplayCollator):
+        self.collator = collator
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.collator.seek(state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, batch_size: int, max_new_tokens: int,
+    min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+) -> tuple[list[str], dict[str, Any]]:
+    """Batched, left-padded `generate` with a KV cache. Prompts are batched by length (less padding)
+    and the answers returned in the prompts' order."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: list[str] = [""] * len(texts)
+    new_tokens, started = 0, time.perf_counter()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, use_cache=True,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p)
+            out = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                tokens = out[row]
+                real = tokens[tokens != tokenizer.pad_token_id]
+                new_tokens += int(real.numel())
+                answers[i] = tokenizer.decode(real, skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    seconds = time.perf_counter() - started
+    return answers, {"seconds": round(seconds, 3), "new_tokens": new_tokens,
+                     "tokens_per_second": round(new_tokens / seconds, 1) if seconds else 0.0}
+
+
+def build_pool(
+    cfg: ReplayConfig, *, where: str, phase_dir: Path, phase_examples: int, seed: int, model: Any, tokenizer: Any,
+    source_model: str, earlier_sources: list[DatasetSource], console: Any,
+) -> ReplayPool:
+    """The phase's replay pool: read back from replay.jsonl when it exists (resume), else built."""
+    path = phase_dir / REPLAY_FILE
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        meta = json.loads((phase_dir / "replay_meta.json").read_text()) if (phase_dir / "replay_meta.json").is_file() else {}
+        return ReplayPool(cfg.kind, rows, meta.get("generation"), reused=True)
+    if cfg.kind == "generative":
+        pool = _generative_pool(cfg, where, phase_examples, seed, model, tokenizer, source_model, console)
+    else:
+        pool = _real_pool(cfg, where, phase_examples, seed, earlier_sources)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool.rows))
+    write_atomic(phase_dir / "replay_meta.json", json.dumps({"kind": pool.kind, "generation": pool.generation}, indent=2) + "\n")
+    return pool
+
+
+def _generative_pool(
+    cfg: ReplayConfig, where: str, phase_examples: int, seed: int, model: Any, tokenizer: Any, source_model: str, console: Any,
+) -> ReplayPool:
+    assert cfg.prompts is not None
+    prompts = load_prompts(cfg.prompts, f"{where}.prompts", seed)
+    prompts = prompts[: pool_size(cfg, phase_examples, len(prompts))]
+    console.print(f"{where}: generating {len(prompts)} replay answers with {source_model}")
+    answers, stats = generate_answers(
+        model, tokenizer, [p["prompt"] for p in prompts], batch_size=cfg.generation_batch_size,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample,
+        temperature=cfg.temperature, top_p=cfg.top_p,
+    )
+    rows = [{"prompt": p["prompt"], "answer": a, "source_model": source_model, "language": p["language"]}
+            for p, a in zip(prompts, answers) if a]
+    empty = len(prompts) - len(rows)
+    stats["empty_dropped"] = empty
+    if empty:
+        console.print(f"[yellow]{where}: {empty} of {len(prompts)} generated answers were empty and were dropped[/]")
+    if empty * 2 > len(prompts):
+        raise CftError(f"{where}: {empty} of {len(prompts)} generated replay answers came back empty; the "
+                       f"{source_model} model does not answer these prompts (check the chat template and max_new_tokens)")
+    return ReplayPool("generative", rows, stats)
+
+
+def _real_pool(cfg: ReplayConfig, where: str, phase_examples: int, seed: int, earlier: list[DatasetSource]) -> ReplayPool:
+    sources = [cfg.source] if cfg.source is not None else earlier
+    if not sources:
+        raise CftError(f"{where}: real replay needs 'source' or an earlier phase's data, and this is the first phase")
+    parts = []
+    for j, src in enumerate(sources):
+        label = f"{where}.source" if cfg.source is not None else f"{where} (earlier data {j})"
+        parts.extend(load_source(src, label, seed))
+    random.Random(seed).shuffle(parts)
+    parts = parts[: pool_size(cfg, phase_examples, len(parts))]
+    rows = [{"prompt": r["prompt"], "answer": r["completion"][0]["content"], "source": "real", "language": r["language"]}
+            for r in parts]
+    return ReplayPool("real", rows)
