@@ -1,0 +1,147 @@
+"""Representation drift between consecutive checkpoints of a run, layer by layer.
+
+On a fixed probe set (default: the held-out English prompts of cft_smoke_en_gen), each checkpoint's
+hidden states are mean-pooled over the prompt's tokens, giving one N × H matrix per layer. For each
+pair of consecutive checkpoints (X before, Y after), per layer:
+
+- mean shift: ‖mean(Y) − mean(X)‖ / ‖mean(X)‖
+- covariance shift: ‖Cov(Y) − Cov(X)‖_F / ‖Cov(X)‖_F
+- CKA: linear centered kernel alignment ‖Yᶜᵀ Xᶜ‖_F² / (‖Xᶜᵀ Xᶜ‖_F · ‖Yᶜᵀ Yᶜ‖_F); 1 = same geometry
+
+The base is loaded once and the adapters are swapped in place, as in evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cft_adapters import modeling
+from cft_adapters.errors import CftError
+from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision
+from cft_adapters.manifest import RunManifest
+from cft_adapters.tasks_path import tasks_dir
+
+
+def default_probe() -> list[str]:
+    path = tasks_dir() / "cft_smoke" / "data" / "en_gen.jsonl"
+    return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_probe(path: Path) -> list[str]:
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [r["prompt"] for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CftError(f"--probe {path}: expected JSON Lines with a 'prompt' field ({exc})") from None
+    if not prompts:
+        raise CftError(f"--probe {path}: no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def pooled_hidden_states(model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 8) -> list[torch.Tensor]:
+    """Per layer (embeddings first), an N × H matrix of token-mean hidden states, in float64."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
+    layers: list[list[torch.Tensor]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                     for p in prompts[start:start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model(**enc, output_hidden_states=True, use_cache=False)
+            mask = enc["attention_mask"].unsqueeze(-1).to(torch.float64)
+            for i, h in enumerate(out.hidden_states):
+                pooled = (h.to(torch.float64) * mask).sum(1) / mask.sum(1)
+                if len(layers) <= i:
+                    layers.append([])
+                layers[i].append(pooled.cpu())
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [torch.cat(chunks) for chunks in layers]
+
+
+def mean_shift(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.linalg.norm(y.mean(0) - x.mean(0)) / torch.linalg.norm(x.mean(0)).clamp_min(1e-12))
+
+
+def covariance_shift(x: torch.Tensor, y: torch.Tensor) -> float:
+    cx, cy = torch.cov(x.T), torch.cov(y.T)
+    return float(torch.linalg.matrix_norm(cy - cx) / torch.linalg.matrix_norm(cx).clamp_min(1e-12))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    num = torch.linalg.matrix_norm(yc.T @ xc) ** 2
+    den = torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)
+    return float(num / den) if den > 0 else 1.0
+
+
+def layer_drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[str, list[float]]:
+    return {
+        "mean_shift": [mean_shift(x, y) for x, y in zip(before, after)],
+        "covariance_shift": [covariance_shift(x, y) for x, y in zip(before, after)],
+        "cka": [linear_cka(x, y) for x, y in zip(before, after)],
+    }
+
+
+def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int = 8) -> dict[str, Any]:
+    from cft_adapters.phases import read_manifest
+    from cft_adapters.rescore import _run_settings
+
+    manifest: RunManifest | None = read_manifest(run_dir)
+    if manifest is None:
+        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
+    records = [r for r in manifest.phases if r.index == 0 or r.status == "done"]
+    if len(records) < 2:
+        raise CftError(f"{run_dir}: drift compares consecutive checkpoints, and this run has only the base "
+                       f"(no finished phase yet)")
+    model_cfg, eval_cfg = _run_settings(run_dir)
+    cfg = eval_model_config(model_cfg, training_precision(model_cfg))
+    path = modeling.resolve_model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    scorer = CheckpointScorer(eval_cfg, tokenizer, modeling.load_base_model(cfg, path))
+    features = {}
+    for record in records:
+        console.print(f"drift: hidden states of phase {record.index} '{record.name}' on {len(prompts)} probe prompts")
+        with scorer._model_for(run_dir / record.checkpoint if record.checkpoint else None) as model:
+            features[record.index] = pooled_hidden_states(model, tokenizer, prompts, batch_size)
+    transitions = []
+    for prev, cur in zip(records, records[1:]):
+        transitions.append({"from": f"{prev.index} {prev.name}", "to": f"{cur.index} {cur.name}",
+                            **layer_drift(features[prev.index], features[cur.index])})
+    return {"run": str(run_dir), "probe_prompts": len(prompts), "layers": len(features[0]),
+            "layer_index_note": "index 0 is the embedding output; index i is the output of block i-1",
+            "transitions": transitions}
+
+
+def plot_drift(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [f"{t['from'].split()[0]}→{t['to'].split()[0]}" for t in result["transitions"]]
+    panels = [("mean_shift", "mean shift"), ("covariance_shift", "covariance shift"), ("cka", "1 − CKA")]
+    fig, axes = plt.subplots(1, 3, figsize=(10, max(3, 0.25 * result["layers"] + 1.5)))
+    for ax, (key, title) in zip(axes, panels):
+        grid = np.array([t[key] for t in result["transitions"]]).T
+        if key == "cka":
+            grid = 1 - grid
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+        ax.set_title(title)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_xlabel("transition")
+        ax.set_ylabel("layer (0 = embeddings)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

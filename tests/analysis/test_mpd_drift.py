@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cft_adapters.analysis.drift import layer_drift, linear_cka
+from cft_adapters.analysis.mpd import mpd
+from cft_adapters.cli import analyze_main
+from cft_adapters.recipe import load_recipe
+
+from conftest import SMOKE
+
+pytestmark = pytest.mark.slow
+
+
+def test_mpd_formula_on_constructed_adapters() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = {"m.layers.0.q.lora_A.weight": torch.randn(2, 6, generator=g), "m.layers.0.q.lora_B.weight": torch.randn(6, 2, generator=g)}
+    same = mpd(a, a, 2.0)
+    assert same["total"] == 0.0 and same["per_layer"] == {"0": 0.0}
+    flipped = {k: (-v if ".lora_B." in k else v) for k, v in a.items()}
+    assert mpd(a, flipped, 2.0)["total"] == pytest.approx(1.0)
+
+
+def _recipe(tmp_path: Path) -> Path:
+    text = (SMOKE.read_text().split("phases:")[0] + """phases:
+  - name: english
+    datasets: [{path: "builtin:smoke/en_tasks.jsonl", language: en}]
+  - name: english_again
+    datasets: [{path: "builtin:smoke/en_tasks.jsonl", language: en}]
+  - name: english_mostly
+    datasets:
+      - {path: "builtin:smoke/en_tasks.jsonl", language: en, max_examples: 56}
+      - {path: "builtin:smoke/multi_fr_de.jsonl", format: messages, language_column: lang, max_examples: 8}
+  - name: french_german
+    datasets: [{path: "builtin:smoke/multi_fr_de.jsonl", format: messages, language_column: lang}]
+""").replace("output_dir: runs/smoke", f"output_dir: {tmp_path / 'run'}")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_mpd_is_zero_for_same_data_and_grows_with_dissimilarity(tmp_path, capsys) -> None:
+    recipe_path = _recipe(tmp_path)
+    totals = {}
+    for other in ("english_again", "english_mostly", "french_german"):
+        out = tmp_path / f"{other}.json"
+        assert analyze_main(["mpd", str(recipe_path), "--phases", f"english,{other}", "--token-budget", "6000",
+                             "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert out.with_suffix(".png").is_file()
+        assert all(t >= 6000 for t in result["tokens_seen"])
+        assert set(result["per_layer"]) == {"0", "1", "2", "3"}
+        totals[other] = result["total"]
+    assert totals["english_again"] == 0.0
+    assert 0.0 < totals["english_mostly"] < totals["french_german"]
+    # the english probe adapter was trained once and reused from the cache
+    assert capsys.readouterr().out.count("phase 1 'probe': done, skipped") >= 3
+
+
+def test_drift_is_zero_between_identical_features() -> None:
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(20, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    drift = layer_drift(feats, feats)
+    assert drift["mean_shift"] == [0.0] * 3 and drift["covariance_shift"] == [0.0] * 3
+    assert drift["cka"] == pytest.approx([1.0] * 3)
+    rotated = feats[0] @ torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
+    assert linear_cka(feats[0], rotated) == pytest.approx(1.0)  # CKA ignores rotations
+
+
+def test_drift_cli_on_a_trained_run(smoke_run: Path, tmp_path) -> None:
+    out = tmp_path / "drift.json"
+    assert analyze_main(["drift", str(smoke_run), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").is_file()
+    assert [t["from"] for t in result["transitions"]] == ["0 base", "1 english"]
+    assert result["layers"] == 5  # embeddings + 4 blocks
+    for t in result["transitions"]:
+        assert t["mean_shift"][0] == 0.0  # the embeddings carry no adapter
+        assert max(t["mean_shift"][1:]) > 0 and min(t["cka"]) < 1.0
+
+
+def test_drift_needs_two_checkpoints(tmp_path, capsys) -> None:
+    from cft_adapters.cli import main
+
+    out = tmp_path / "run"
+    assert main([str(SMOKE), f"output_dir={out}", "eval.tasks=[]", "phases[0].datasets[0].max_examples=8",
+                 "phases[1].datasets[0].path=/nonexistent.jsonl"]) == 2  # invalid phase 2: nothing trains
+    (out / "run.json").parent.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(SMOKE, [f"output_dir={out}", "eval.tasks=[]"])
+    from cft_adapters.phases import PhaseRunner
+
+    runner = PhaseRunner(recipe, str(SMOKE))
+    runner.manifest = runner._setup_run_dir()  # a run directory with only the base recorded
+    assert analyze_main(["drift", str(out)]) == 2
+    assert "has only the base" in capsys.readouterr().err
