@@ -59,7 +59,7 @@ def main() -> int:
                              train_dataset=data.for_trainer(), processing_class=tok)
         trainer.remove_callback(PrinterCallback)
         if with_replay:
-            PhaseRunner._attach_replay(trainer, pool, recipe.phases[1].replay, seed=0)
+            PhaseRunner._attach_replay(trainer, pool, recipe.phases[1].replay, recipe.phase_training(1))
         started = time.perf_counter()
         trainer.train()
         return trainer.state.global_step / (time.perf_counter() - started)

@@ -275,3 +275,15 @@ def preview_prompts(src: DatasetSource, where: str, rows: int = 2) -> list[list[
     if not first:
         raise DataError(f"{where}: {src.describe()}: the prompt source is empty")
     return [to_prompt(row, src, f"{where} row {i}") for i, row in enumerate(first)]
+
+
+def truncate_tokenized(dataset: Any, max_length: int) -> Any:
+    """Cut tokenized examples (input_ids and every per-token column) to max_length, keeping the start."""
+
+    def cut(row: dict[str, Any]) -> dict[str, Any]:
+        n = len(row["input_ids"])
+        if n <= max_length:
+            return row
+        return {k: (v[:max_length] if isinstance(v, list) and len(v) == n else v) for k, v in row.items()}
+
+    return dataset.map(cut, load_from_cache_file=False)

@@ -53,7 +53,9 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
     dtype = compute_dtype(model)
     return SFTConfig(
         output_dir=str(output_dir),
-        max_length=training.max_length,
+        # TRL enforces max_length only for padded batches; with padding_free the runner truncates
+        # the tokenized examples itself (data.truncate_tokenized).
+        max_length=None if training.padding_free else training.max_length,
         per_device_train_batch_size=training.per_device_train_batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         learning_rate=training.learning_rate,
@@ -81,4 +83,7 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         report_to="none",
         disable_tqdm=True,  # progress is drawn by cft_adapters.callbacks.RichProgressCallback
         dataloader_pin_memory=torch.cuda.is_available(),
+        padding_free=training.padding_free,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        use_liger_kernel=training.use_liger_kernel,
     )

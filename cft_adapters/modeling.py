@@ -115,6 +115,9 @@ def load_base_model(model: ModelConfig, path: str) -> Any:
         raise CftError(f"model.name_or_path: cannot load '{path}': {exc}") from None
     for param in base.parameters():
         param.requires_grad_(False)
+    # Training never needs a KV cache, and a cache switches off transformers' packed-sequence
+    # attention masks, which padding-free batches rely on. generate() asks for its cache explicitly.
+    base.config.use_cache = False
     if quant is not None:
         keep_nf4_layout(base)
         from peft import prepare_model_for_kbit_training

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from cft_adapters import modeling, report
 from cft_adapters.callbacks import NonFiniteGuard, NonFiniteLossError, RichProgressCallback
-from cft_adapters.data import PhaseData, check_data, load_phase_data
+from cft_adapters.data import PhaseData, check_data, load_phase_data, truncate_tokenized
 from cft_adapters.errors import CftError, RunError
 from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
 from cft_adapters.hf_configs import sft_config
@@ -51,7 +51,7 @@ from cft_adapters.placement import (
     select_layers_spectrum,
     spectrum_scan,
 )
-from cft_adapters.recipe import PlacementConfig, Recipe, ReplayConfig, dump_recipe, format_loc
+from cft_adapters.recipe import PlacementConfig, Recipe, ReplayConfig, TrainingConfig, dump_recipe, format_loc
 from cft_adapters.replay import REPLAY_FILE, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
 from cft_adapters.tiny import cache_dir
 
@@ -168,6 +168,7 @@ class PhaseRunner:
             check_eval_tasks(self.recipe.eval, self.recipe_path)
         check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
         check_placements(self.recipe, self.recipe_path)
+        check_liger(self.recipe, self.recipe_path)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -451,7 +452,9 @@ class PhaseRunner:
             callbacks=[NonFiniteGuard(peft_model), RichProgressCallback(progress, f"phase {k} {phase.name}")],
         )
         trainer.remove_callback(PrinterCallback)
-        collator = self._attach_replay(trainer, pool, phase.replay, training.seed) if pool is not None else None
+        if training.padding_free:
+            trainer.train_dataset = truncate_tokenized(trainer.train_dataset, training.max_length)
+        collator = self._attach_replay(trainer, pool, phase.replay, training) if pool is not None else None
         if training.token_budget is not None:
             size_to_token_budget(trainer, training.token_budget)
         if torch.cuda.is_available():
@@ -511,11 +514,14 @@ class PhaseRunner:
         )
 
     @staticmethod
-    def _attach_replay(trainer: Any, pool: ReplayPool, cfg: ReplayConfig, seed: int) -> ReplayCollator:
+    def _attach_replay(trainer: Any, pool: ReplayPool, cfg: ReplayConfig, training: TrainingConfig) -> ReplayCollator:
         # The replay pool goes through TRL's own dataset preparation (chat template, tokenization,
         # completion mask), so replay examples are masked exactly like phase examples.
         prepared = trainer._prepare_dataset(pool.to_dataset(), trainer.processing_class, trainer.args,
                                             packing=False, formatting_func=None, dataset_name="replay")
+        if training.padding_free:
+            prepared = truncate_tokenized(prepared, training.max_length)
+        seed = training.seed
         keep = [c for c in prepared.column_names if c not in ("prompt", "completion")]
         collator = ReplayCollator(trainer.data_collator, prepared.select_columns(keep).to_list(), cfg.ratio, seed)
         trainer.data_collator = collator
@@ -563,6 +569,18 @@ def size_to_token_budget(trainer: Any, budget: int) -> None:
     tokens_per_step = sum(lengths) / steps_per_epoch
     args.max_steps = math.ceil(budget / tokens_per_step) + 1
     trainer.add_callback(TokenBudgetCallback(budget))
+
+
+def check_liger(recipe: Recipe, source: str) -> None:
+    import importlib.util
+
+    wants = [i for i in range(len(recipe.phases)) if recipe.phase_training(i).use_liger_kernel]
+    if not wants:
+        return
+    if not torch.cuda.is_available():
+        raise CftError(f"{source}: training.use_liger_kernel: Liger kernels need a CUDA GPU; none is visible")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise CftError(f"{source}: training.use_liger_kernel: install the 'gpu' extra (pip install -e '.[gpu]')")
 
 
 def check_placements(recipe: Recipe, source: str) -> None:

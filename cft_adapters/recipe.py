@@ -107,6 +107,17 @@ class TrainingConfig(_Strict):
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only, not on the prompt.")
     logging_steps: int = Field(10, ge=1, description="Steps between loss logs.")
     save_steps: int = Field(100, ge=1, description="Steps between resumable trainer checkpoints.")
+    padding_free: bool = Field(
+        False,
+        description="Flatten each batch into one sequence with no padding tokens. Attention stays inside each "
+        "example through position_ids (packed-sequence masks for sdpa/eager, varlen kernels for flash-attention).",
+    )
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length together (less padding; the fallback when padding_free is off)."
+    )
+    use_liger_kernel: bool = Field(
+        False, description="Liger kernels (fused linear + cross-entropy, RMSNorm, RoPE); GPU only, needs the 'gpu' extra."
+    )
     token_budget: int | None = Field(
         None, ge=1,
         description="Train the phase on this many non-padding input tokens (replay included), then stop; the "

@@ -95,7 +95,7 @@ def test_replay_batches_carry_the_completion_only_mask(tmp_path, tiny_model_path
                          train_dataset=data.for_trainer(), processing_class=tok)
     answer = "REPLAYED ANSWER"
     pool = ReplayPool("real", [{"prompt": [{"role": "user", "content": "Name a colour."}], "answer": answer}])
-    collator = PhaseRunner._attach_replay(trainer, pool, recipe.phases[1].replay, seed=0)
+    collator = PhaseRunner._attach_replay(trainer, pool, recipe.phases[1].replay, recipe.phase_training(1))
     batch = next(iter(trainer.get_train_dataloader()))
     prompt_ids = tok.apply_chat_template(pool.rows[0]["prompt"], add_generation_prompt=True)
     prompt_ids = list(prompt_ids["input_ids"]) if hasattr(prompt_ids, "keys") else list(prompt_ids)
