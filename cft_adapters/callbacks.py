@@ -27,6 +27,10 @@ class NonFiniteGuard(TrainerCallback):
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        # Checked when this step will be saved or logged (the flow callback has decided by now) and
+        # at the last step: that keeps every checkpoint finite without a per-step cost.
+        if not (control.should_save or control.should_log or state.global_step >= state.max_steps):
+            return
         with torch.no_grad():
             for p in self.params:
                 if not torch.isfinite(p).all():

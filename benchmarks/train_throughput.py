@@ -1,0 +1,110 @@
+"""cft-train against the plain TRL script a user would otherwise write: the same model, data,
+sequence length, batch, steps and seed, run as fresh processes alternating A B A B.
+
+    python benchmarks/train_throughput.py [--steps 40] [--repeats 3]
+
+Reports, as medians and the ratio B/A:
+- non-padding tokens/s and step time of trainer.train();
+- peak memory (CUDA max allocated on a GPU, process peak RSS on the CPU);
+- the process wall time (start-up, load, train, save).
+
+Prints a table and writes benchmarks/results/train_throughput.json.
+Target on the CPU (tiny model): B/A >= 0.98, i.e. no orchestration tax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
+    args = parser.parse_args()
+
+    from cft_adapters.tiny import builtin_model_path
+
+    model = builtin_model_path("tiny-mistral")
+    data = REPO / "cft_adapters" / "data" / "smoke" / "en_tasks.jsonl"
+    work = Path(tempfile.mkdtemp(prefix="cft-bench-train-"))
+    recipe = work / "one_phase.yaml"
+    recipe.write_text(
+        "model: {name_or_path: 'builtin:tiny-mistral', quantization: nf4}\n"
+        "adapter: {r: 8, alpha: 16, dropout: 0.0}\n"
+        f"training: {{max_length: 256, per_device_train_batch_size: 8, learning_rate: 2.0e-3, max_steps: {args.steps}, "
+        "warmup_ratio: 0.0, lr_scheduler_type: cosine, logging_steps: 10, save_steps: 100000, seed: 42}\n"
+        f"phases:\n  - {{name: english, datasets: [{{path: '{data}', language: en}}]}}\n"
+    )
+
+    def plain(i: int) -> dict:
+        out = work / f"a{i}.json"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "baselines" / "plain_trl.py"), "--model", str(model),
+                        "--data", str(data), "--steps", str(args.steps), "--output-dir", str(work / f"a{i}"),
+                        "--out", str(out)], check=True, capture_output=True)
+        return {**json.loads(out.read_text()), "wall": time.perf_counter() - started}
+
+    def ours(i: int) -> dict:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cft_adapters.cli", str(recipe), f"output_dir={work / f'b{i}'}"],
+                       check=True, capture_output=True)
+        train = json.loads((work / f"b{i}" / "run.json").read_text())["phases"][1]["train"]
+        return {**train, "wall": time.perf_counter() - started}
+
+    a_runs, b_runs = [], []
+    for i in range(args.repeats):
+        a_runs.append(plain(i))
+        b_runs.append(ours(i))
+
+    def med(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    rows = [
+        ("tokens/s", med(a_runs, "tokens_per_second"), med(b_runs, "tokens_per_second")),
+        ("step time (s)", med(a_runs, "seconds") / args.steps, med(b_runs, "seconds") / args.steps),
+        ("peak memory (MB)", med(a_runs, "peak_memory_mb"), med(b_runs, "peak_memory_mb")),
+        ("process wall (s)", med(a_runs, "wall"), med(b_runs, "wall")),
+    ]
+    assert {r["tokens"] for r in a_runs} == {r["tokens"] for r in b_runs}, "the two sides saw different tokens"
+    result = {
+        "benchmark": "train_throughput", "steps": args.steps, "repeats": args.repeats,
+        "tokens_per_run": a_runs[0]["tokens"], "plain_trl": a_runs, "cft_train": b_runs,
+        "ratios_b_over_a": {name: round(b / a, 3) for name, a, b in rows},
+        "target": "tokens/s B/A >= 0.98 on the CPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, " + ("GPU" if _cuda() else "CPU"),
+    }
+    table = Table(title=f"plain TRL (A) vs cft-train (B), {args.steps} steps, median of {args.repeats}")
+    for col in ("", "A plain TRL", "B cft-train", "B/A"):
+        table.add_column(col, justify="right")
+    for name, a, b in rows:
+        table.add_row(name, f"{a:.3f}" if a < 10 else f"{a:.0f}", f"{b:.3f}" if b < 10 else f"{b:.0f}", f"{b / a:.3f}")
+    Console().print(table)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
