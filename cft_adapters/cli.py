@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-4")
     parser.add_argument("--dry-run", action="store_true", help="validate the recipe and data, print the plan, load no model")
     parser.add_argument("--schema", action="store_true", help="print the recipe JSON Schema and exit")
+    parser.add_argument("--gpu-mem", type=float, metavar="GIB", help="with --dry-run: say whether each phase fits a GPU of this size")
     return parser
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             from cft_adapters.plan import dry_run
 
             _quiet_libraries()
-            dry_run(recipe, args.recipe, console)
+            dry_run(recipe, args.recipe, console, gpu_mem=args.gpu_mem)
             return 0
         _quiet_libraries()
         from cft_adapters.phases import PhaseRunner

@@ -19,7 +19,7 @@ def _training_summary(t: TrainingConfig) -> str:
     return f"{length}, lr {t.learning_rate:g}, batch {t.per_device_train_batch_size}x{t.gradient_accumulation_steps}, len {t.max_length}"
 
 
-def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
+def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float | None = None) -> None:
     check_placements(recipe, recipe_path)
     problems = unknown_tasks(recipe.eval.tasks) if recipe.eval.tasks else []
     try:
@@ -55,6 +55,26 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console) -> None:
         )
     console.print(table)
     console.print(f"[bold]eval[/] tasks: {', '.join(recipe.eval.tasks) or '(none)'}")
+    _print_memory_plan(recipe, console, gpu_mem)
     first = sources[0][0].preview[0]
     console.print("[bold]first example of phase 1[/]", first)
     console.print("[green]dry run OK[/]: recipe valid, data readable; no model was loaded.")
+
+
+def _print_memory_plan(recipe: Recipe, console: Console, gpu_mem: float | None) -> None:
+    from cft_adapters.memory import CUDA_CONTEXT_MIB, plan_phase, planning_config
+
+    config = planning_config(recipe.model)
+    if config is None:
+        console.print("[bold]memory[/] unknown: the model config is not available offline")
+        return
+    table = Table(title="estimated peak GPU memory per phase (MiB; see cft_adapters/memory.py)")
+    for col in ("phase", "weights", "LoRA+optim", "activations", "logits", "total", f"fits {gpu_mem:g} GiB" if gpu_mem else "fits"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, phase in enumerate(recipe.run_phases()):
+        e = plan_phase(recipe, i, config)
+        fits = ("yes" if e.fits(gpu_mem) else "NO") if gpu_mem else "-"
+        table.add_row(phase.name, f"{e.weights:.0f}", f"{e.lora:.0f}", f"{e.activations:.0f}", f"{e.logits:.0f}", f"{e.total:.0f}", fits)
+    console.print(table)
+    console.print(f"(plus ~{CUDA_CONTEXT_MIB} MiB of CUDA context; knobs: gradient_checkpointing, per_device_train_batch_size, "
+                  f"max_length, use_liger_kernel)")
