@@ -26,6 +26,7 @@ parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--r", type=int, default=8)
 parser.add_argument("--seed", type=int, default=42)
 parser.add_argument("--output-dir", default="/tmp/plain_trl")
+parser.add_argument("--gradient-checkpointing", action="store_true")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -62,9 +63,9 @@ config = SFTConfig(
     bf16=bf16,
     report_to="none",
     include_num_input_tokens_seen="non_padding",
-    # TRL turns gradient checkpointing on by default; the cft-train recipe it is compared with has it
-    # off, so both sides compute the same thing.
-    gradient_checkpointing=False,
+    # TRL turns gradient checkpointing on by default; the flag makes it explicit, so both sides of a
+    # comparison compute the same thing.
+    gradient_checkpointing=args.gradient_checkpointing,
 )
 lora = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, task_type="CAUSAL_LM",
                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
