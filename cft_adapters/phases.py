@@ -337,7 +337,18 @@ class PhaseRunner:
             self.console.print(*report.rich_tables(self.manifest, self.recipe.eval.tasks))
             path = report.write_report(self.run_dir, self.manifest, self.recipe.eval.tasks)
             self.console.print(f"report: {path}")
+        if self.recipe.analysis.drift:
+            self._drift()
         return self.manifest
+
+    def _drift(self) -> None:
+        from cft_adapters.analysis.drift import default_probe, plot_drift, run_drift
+
+        result = run_drift(self.run_dir, default_probe(), self.console)
+        out = self.run_dir / "analysis" / "drift.json"
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
+        plot_drift(result, out.with_suffix(".png"))
+        self.console.print(f"drift: {out} and {out.with_suffix('.png')}")
 
     # -- evaluation -----------------------------------------------------------------------------
 

@@ -325,6 +325,13 @@ class PhaseConfig(_Strict):
     replay: ReplayConfig | None = Field(None, description="Replay mixed into this phase's batches.")
 
 
+class AnalysisConfig(_Strict):
+    drift: bool = Field(
+        False, description="After the run, write analysis/drift.json and drift.png: per-layer representation drift "
+        "between consecutive checkpoints on held-out English prompts (cft-analyze drift)."
+    )
+
+
 class Recipe(_Strict):
     description: str | None = Field(None, description="What this recipe is for.")
     output_dir: str = Field(description="Run directory (default: runs/<recipe file stem>).")
@@ -332,6 +339,7 @@ class Recipe(_Strict):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="The LoRA adapter carried across phases.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training defaults for every phase.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after phase 0 and every phase.")
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Analyses run by cft-train itself.")
     phases: list[PhaseConfig] = Field(min_length=1, description="Training phases in order (phase 0, the base, is implicit).")
     mixed_baseline: bool = Field(
         False,

@@ -97,3 +97,12 @@ def test_drift_needs_two_checkpoints(tmp_path, capsys) -> None:
     runner.manifest = runner._setup_run_dir()  # a run directory with only the base recorded
     assert analyze_main(["drift", str(out)]) == 2
     assert "has only the base" in capsys.readouterr().err
+
+
+def test_cft_train_writes_drift_when_the_recipe_asks(tmp_path) -> None:
+    from cft_adapters.cli import main
+
+    out = tmp_path / "run"
+    assert main([str(SMOKE), f"output_dir={out}", "eval.tasks=[]", "analysis.drift=true", "training.max_steps=3"]) == 0
+    result = json.loads((out / "analysis" / "drift.json").read_text())
+    assert len(result["transitions"]) == 2 and (out / "analysis" / "drift.png").is_file()
