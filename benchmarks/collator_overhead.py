@@ -12,18 +12,18 @@ Prints a table and writes benchmarks/results/collator_overhead.json. Target: >= 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import sys
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import publish  # noqa: E402
 
 
 def main() -> int:
@@ -74,15 +74,9 @@ def main() -> int:
         "benchmark": "collator_overhead", "steps": args.steps, "repeats": args.repeats, "replay": "real, ratio 0.10, pool drawn from the phase data",
         "replay_steps_per_second": replay, "plain_steps_per_second": plain,
         "ratio_replay_over_plain": round(a / b, 3), "target": ">= 0.98",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
     }
-    table = Table(title="training steps/s (median)")
-    for col in ("ReplayCollator", "plain TRL collator", "ratio", "target"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{a:.2f}", f"{b:.2f}", f"{a / b:.3f}", ">= 0.98")
-    Console().print(table)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    publish("training steps/s (median)", ["ReplayCollator", "plain TRL collator", "ratio", "target"],
+            [[f"{a:.2f}", f"{b:.2f}", f"{a / b:.3f}", ">= 0.98"]], result, args.out)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import publish  # noqa: E402
 
 
 def _timed(cmd: list[str]) -> float:
@@ -80,16 +79,10 @@ def main() -> int:
         "cli_seconds": b_times,
         "ratio_in_process_over_cli": round(a / b, 3),
         "target": "<= 0.5",
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {__import__('os').cpu_count()} cores, CPU",
     }
-    table = Table(title="scoring 3 checkpoints (wall seconds, median)")
-    for col in ("in-process (cft-eval, 1 base load)", "3x stock lm_eval CLI", "ratio", "target"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{a:.1f}", f"{b:.1f}", f"{a / b:.3f}", "<= 0.5")
-    Console().print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    publish("scoring 3 checkpoints (wall seconds, median)",
+            ["in-process (cft-eval, 1 base load)", "3x stock lm_eval CLI", "ratio", "target"],
+            [[f"{a:.1f}", f"{b:.1f}", f"{a / b:.3f}", "<= 0.5"]], result, args.out)
     return 0
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import subprocess
@@ -21,10 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import publish  # noqa: E402
 
 
 def variable_length_data(path: Path, seed: int = 0) -> None:
@@ -75,15 +73,10 @@ def main() -> int:
         "group_by_length_tokens_per_second": [r["tokens_per_second"] for r in grouped],
         "ratio_padding_free_over_padded": round(a / b, 3),
         "ratio_group_by_length_over_padded": round(c / b, 3), "target": ">= 1.5",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
     }
-    table = Table(title="non-padding tokens/s (median), variable-length data")
-    for col in ("padded (random)", "padding-free", "ratio", "length-grouped", "ratio", "target"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{b:.0f}", f"{a:.0f}", f"{a / b:.2f}x", f"{c:.0f}", f"{c / b:.2f}x", ">= 1.5x")
-    Console().print(table)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    publish("non-padding tokens/s (median), variable-length data",
+            ["padded (random)", "padding-free", "ratio", "length-grouped", "ratio", "target"],
+            [[f"{b:.0f}", f"{a:.0f}", f"{a / b:.2f}x", f"{c:.0f}", f"{c / b:.2f}x", ">= 1.5x"]], result, args.out)
     return 0
 
 

@@ -10,16 +10,14 @@ like. Prints a table and writes benchmarks/results/replay_generation.json. Targe
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import sys
 import statistics
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import publish  # noqa: E402
 
 
 def main() -> int:
@@ -56,15 +54,10 @@ def main() -> int:
         "new_tokens_per_prompt": args.new_tokens, "model": "builtin:tiny-mistral (nf4)",
         "batched_tokens_per_second": batched, "per_prompt_tokens_per_second": looped,
         "ratio_batched_over_loop": round(a / b, 2), "target": ">= 10",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
     }
-    table = Table(title="generative replay throughput (new tokens/s, median)")
-    for col in (f"batched (bs={args.batch_size})", "per-prompt loop", "ratio", "target"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{a:.0f}", f"{b:.0f}", f"{a / b:.1f}x", ">= 10x")
-    Console().print(table)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    publish("generative replay throughput (new tokens/s, median)",
+            [f"batched (bs={args.batch_size})", "per-prompt loop", "ratio", "target"],
+            [[f"{a:.0f}", f"{b:.0f}", f"{a / b:.1f}x", ">= 10x"]], result, args.out)
     return 0
 
 

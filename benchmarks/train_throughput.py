@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import publish  # noqa: E402
 
 
 def main() -> int:
@@ -87,23 +85,14 @@ def main() -> int:
         "tokens_per_run": a_runs[0]["tokens"], "plain_trl": a_runs, "cft_train": b_runs,
         "ratios_b_over_a": {name: round(b / a, 3) for name, a, b in rows},
         "target": "tokens/s B/A >= 0.98 on the CPU",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, " + ("GPU" if _cuda() else "CPU"),
     }
-    table = Table(title=f"plain TRL (A) vs cft-train (B), {args.steps} steps, median of {args.repeats}")
-    for col in ("", "A plain TRL", "B cft-train", "B/A"):
-        table.add_column(col, justify="right")
-    for name, a, b in rows:
-        table.add_row(name, f"{a:.3f}" if a < 10 else f"{a:.0f}", f"{b:.3f}" if b < 10 else f"{b:.0f}", f"{b / a:.3f}")
-    Console().print(table)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    publish(f"plain TRL (A) vs cft-train (B), {args.steps} steps, median of {args.repeats}", ["", "A plain TRL", "B cft-train", "B/A"],
+            [[name, _num(a), _num(b), f"{b / a:.3f}"] for name, a, b in rows], result, args.out)
     return 0
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _num(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.0f}"
 
 
 if __name__ == "__main__":

@@ -94,16 +94,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     except DataError as exc:  # raised with key paths; name the recipe file too
-        for line in exc.problems:
-            err.print(f"{args.recipe}: {line}", markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _report(err, exc, prefix=f"{args.recipe}: ")
     except CftError as exc:
-        for line in exc.problems:
-            err.print(line, markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _report(err, exc)
     except KeyboardInterrupt:
         err.print("interrupted: re-run the same command to resume from the last checkpoint")
         return 130
+
+
+def _report(err: Console, exc: CftError, prefix: str = "") -> int:
+    """One line per problem, no traceback; the exit code the error carries."""
+    for line in exc.problems:
+        err.print(prefix + line, markup=False, highlight=False, soft_wrap=True)
+    return exc.exit_code
 
 
 def _eval_parser() -> argparse.ArgumentParser:
@@ -151,9 +154,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         )
         return 0 if ok else 1
     except CftError as exc:
-        for line in exc.problems:
-            err.print(line, markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _report(err, exc)
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
@@ -256,9 +257,7 @@ def analyze_main(argv: list[str] | None = None) -> int:
         say(f"wrote {out} and {out.with_suffix('.png')}")
         return 0
     except CftError as exc:
-        for line in exc.problems:
-            err.print(line, markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _report(err, exc)
 
 
 def _write_json(path, data) -> None:
