@@ -320,6 +320,8 @@ class PhaseRunner:
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=self.console,
+            # No live-refresh thread when nobody watches (a pipe, CI): on 2 cores it competes with training.
+            auto_refresh=self.console.is_terminal,
         )
         with progress:
             overall = progress.add_task("phases", total=len(self.phases), loss="")
