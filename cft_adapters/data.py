@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cft_adapters.errors import DataError
+from cft_adapters.errors import DataError, HubUnavailable
 from cft_adapters.recipe import BUILTIN_PREFIX, DatasetSource, PhaseConfig, Recipe, builtin_data_path
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -30,6 +30,7 @@ class SourceSummary:
     examples: int | None  # None when unknown without downloading
     languages: dict[str, int] = field(default_factory=dict)
     preview: list[dict[str, Any]] = field(default_factory=list)
+    unchecked: str | None = None  # why the source could not be read (dry run, hub unreachable)
 
 
 @dataclass
@@ -118,6 +119,7 @@ def _load_raw(src: DatasetSource, where: str, *, streaming: bool) -> Any:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if src.hub is not None:
             reason += " (the hub dataset may need network access, a config name, or a different split)"
+            raise HubUnavailable(f"{where}: cannot read {src.describe()}: {reason}") from None
         raise DataError(f"{where}: cannot read {src.describe()}: {reason}") from None
 
 
@@ -204,14 +206,20 @@ def _count_local_rows(src: DatasetSource) -> int | None:
     return len(data) if isinstance(data, list) else None
 
 
-def check_data(recipe: Recipe) -> dict[int, list[SourceSummary]]:
-    """Read the first rows of every source. Every problem is collected before raising."""
+def check_data(recipe: Recipe, allow_unreachable_hub: bool = False) -> dict[int, list[SourceSummary]]:
+    """Read the first rows of every source. Every problem is collected before raising. With
+    allow_unreachable_hub (the dry run), a hub source that cannot be read is reported as unchecked."""
     problems: list[str] = []
     found: dict[int, list[SourceSummary]] = {}
     for i, phase in enumerate(recipe.phases):
         for j, src in enumerate(phase.datasets):
+            where = f"phases[{i}].datasets[{j}]"
             try:
-                found.setdefault(i, []).append(preview_source(src, f"phases[{i}].datasets[{j}]"))
+                found.setdefault(i, []).append(preview_source(src, where))
+            except HubUnavailable as exc:
+                if not allow_unreachable_hub:
+                    raise
+                found.setdefault(i, []).append(SourceSummary(where, src.describe(), None, unchecked=exc.problems[0]))
             except DataError as exc:
                 problems += exc.problems
         replay = phase.replay
@@ -221,6 +229,10 @@ def check_data(recipe: Recipe) -> dict[int, list[SourceSummary]]:
                 continue
             try:
                 preview_prompts(src, f"phases[{i}].replay.{key}") if prompts_only else preview_source(src, f"phases[{i}].replay.{key}")
+            except HubUnavailable as exc:
+                if not allow_unreachable_hub:
+                    raise
+                found.setdefault(i, []).append(SourceSummary(f"phases[{i}].replay.{key}", src.describe(), None, unchecked=exc.problems[0]))
             except DataError as exc:
                 problems += exc.problems
     if problems:

@@ -21,6 +21,10 @@ class DataError(CftError):
     """A data source cannot be read or does not have the expected shape."""
 
 
+class HubUnavailable(DataError):
+    """A hub dataset could not be read (offline, gated, wrong id or config)."""
+
+
 class RunError(CftError):
     """The run directory does not fit this recipe, or a phase failed."""
 

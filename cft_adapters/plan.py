@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cft_adapters.data import check_data
@@ -23,7 +24,7 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float |
     check_placements(recipe, recipe_path)
     problems = unknown_tasks(recipe.eval.tasks) if recipe.eval.tasks else []
     try:
-        sources = check_data(recipe)
+        sources = check_data(recipe, allow_unreachable_hub=True)
     except DataError as exc:
         raise DataError(problems + exc.problems) from None
     if problems:
@@ -42,7 +43,7 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float |
     table.add_row("0 base", "-", "-", "-", "evaluated only", "-", "-")
     for i, phase in enumerate(recipe.phases):
         training = recipe.phase_training(i)
-        summaries = sources[i]
+        summaries = [s for s in sources[i] if s.where.startswith(f"phases[{i}].datasets")]
         counts = [s.examples for s in summaries]
         table.add_row(
             f"{i + 1} {phase.name}",
@@ -56,9 +57,17 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float |
     console.print(table)
     console.print(f"[bold]eval[/] tasks: {', '.join(recipe.eval.tasks) or '(none)'}")
     _print_memory_plan(recipe, console, gpu_mem)
-    first = sources[0][0].preview[0]
-    console.print("[bold]first example of phase 1[/]", first)
-    console.print("[green]dry run OK[/]: recipe valid, data readable; no model was loaded.")
+    unchecked = [s for found in sources.values() for s in found if s.unchecked]
+    for s in unchecked:
+        console.print(f"[yellow]not checked[/]: {escape(s.unchecked)}", highlight=False, soft_wrap=True)
+    previews = [s.preview[0] for s in sources[0] if s.preview]
+    if previews:
+        console.print("[bold]first example of phase 1[/]", previews[0])
+    if unchecked:
+        console.print(f"[yellow]dry run OK except {len(unchecked)} hub source(s) that need the network[/]: "
+                      "recipe valid, local data readable; no model was loaded.")
+    else:
+        console.print("[green]dry run OK[/]: recipe valid, data readable; no model was loaded.")
 
 
 def _print_memory_plan(recipe: Recipe, console: Console, gpu_mem: float | None) -> None:
