@@ -278,3 +278,14 @@ def test_smoke_recipe_loads_with_builtin_paths() -> None:
     assert recipe.model.name_or_path == "builtin:tiny-mistral"
     assert recipe.model.trust_remote_code is False
 
+
+
+def test_paper_recipe_dry_run_offline_prints_the_plan_and_names_hub_sources(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, output = _run_cli(capsys, [str(REPO / "recipes" / "mistral_dissimilar_lf_h2.yaml"), "--dry-run"])
+    assert code == 0, output
+    assert "phase plan" in output and "most_changed" in output
+    assert "not checked: phases[0].datasets[0]: cannot read Open-Orca/OpenOrca" in output
+    assert "hub source(s) that need the network" in output
+    assert "cft_en, cft_ml" in output and "multilingual" in output
