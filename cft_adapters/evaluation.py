@@ -85,7 +85,7 @@ class CheckpointScorer:
         self.peft_model = peft_model
 
     @contextlib.contextmanager
-    def _model_for(self, adapter_dir: Path | None) -> Iterator[Any]:
+    def model_for(self, adapter_dir: Path | None) -> Iterator[Any]:
         if adapter_dir is None:
             if self.peft_model is None:
                 yield self.base
@@ -103,7 +103,7 @@ class CheckpointScorer:
 
     def score(self, adapter_dir: Path | None, out_dir: Path) -> EvalOutcome:
         """Evaluate, write lm-eval's results JSON (and samples) to `out_dir`, return the summary."""
-        with self._model_for(adapter_dir) as model:
+        with self.model_for(adapter_dir) as model:
             results = run_lm_eval(model, self.tokenizer, self.eval_cfg)
         path = write_results(results, out_dir)
         return EvalOutcome(summarize(results), group_members(results), results["cft_eval_seconds"], path)

@@ -44,8 +44,9 @@ from cft_adapters.placement import (
     Placement,
     apply_placement,
     count_to_freeze,
+    explicit_frozen,
     layer_delta_norms,
-    parse_layers,
+    random_seed,
     select_layers_most_changed,
     select_layers_random,
     select_layers_spectrum,
@@ -271,13 +272,11 @@ class PhaseRunner:
         detail: dict[str, Any] = {}
         score_name = None
         if cfg.strategy == "explicit":
-            frozen = parse_layers(cfg.layers or [], num_layers)
-            if len(frozen) >= num_layers:
-                raise ValueError(f"freezing all {num_layers} layers leaves nothing to train")
+            frozen = explicit_frozen(cfg, num_layers)
         else:
             n = count_to_freeze(cfg, num_layers)
             if cfg.strategy == "random":
-                seed = cfg.seed if cfg.seed is not None else self.recipe.phase_training(k - 1).seed
+                seed = random_seed(cfg, self.recipe.phase_training(k - 1).seed)
                 frozen, detail = select_layers_random(num_layers, n, seed), {"seed": seed}
             elif cfg.strategy == "most_changed":
                 scores, detail = self._adapter_change_scores(k, cfg, num_layers, modules)

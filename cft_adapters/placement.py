@@ -80,6 +80,18 @@ def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[i
     return sorted(set(layers))
 
 
+def explicit_frozen(cfg: PlacementConfig, num_layers: int | None) -> list[int]:
+    """The layers an explicit placement freezes, checked against the layer count when known."""
+    frozen = parse_layers(cfg.layers or [], num_layers)
+    if num_layers is not None and len(frozen) >= num_layers:
+        raise ValueError(f"freezing all {num_layers} layers leaves nothing to train")
+    return frozen
+
+
+def random_seed(cfg: PlacementConfig, training_seed: int) -> int:
+    return cfg.seed if cfg.seed is not None else training_seed
+
+
 def count_to_freeze(cfg: PlacementConfig, num_layers: int) -> int:
     n = cfg.count if cfg.count is not None else round(float(cfg.fraction or 0) * num_layers)
     if n < 1:
@@ -215,15 +227,12 @@ def describe_for_dry_run(cfg: PlacementConfig, num_layers: int | None, seed: int
         return "none"
     try:
         if cfg.strategy == "explicit":
-            frozen = parse_layers(cfg.layers or [], num_layers)
-            if num_layers is not None and len(frozen) >= num_layers:
-                raise ValueError(f"freezing all {num_layers} layers leaves nothing to train")
-            return f"explicit: freeze {frozen}"
+            return f"explicit: freeze {explicit_frozen(cfg, num_layers)}"
         if num_layers is None:
             return f"{cfg.strategy} (layer count unknown until the model config is available)"
         n = count_to_freeze(cfg, num_layers)
         if cfg.strategy == "random":
-            return f"random: freeze {select_layers_random(num_layers, n, cfg.seed if cfg.seed is not None else seed)}"
+            return f"random: freeze {select_layers_random(num_layers, n, random_seed(cfg, seed))}"
         return f"{cfg.strategy}: freeze {n} of {num_layers} layers (chosen when the phase starts)"
     except ValueError as exc:
         raise CftError(str(exc)) from None

@@ -16,7 +16,7 @@ from cft_adapters.phases import read_manifest, record_evaluation
 from cft_adapters.recipe import EvalConfig, ModelConfig
 
 
-def _run_settings(run_dir: Path) -> tuple[ModelConfig, EvalConfig]:
+def run_settings(run_dir: Path) -> tuple[ModelConfig, EvalConfig]:
     """The model and eval sections of the run's resolved recipe (data paths are not needed here)."""
     path = run_dir / RESOLVED_RECIPE
     try:
@@ -41,7 +41,7 @@ def rescore_run(
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
-    model_cfg, eval_cfg = _run_settings(run_dir)
+    model_cfg, eval_cfg = run_settings(run_dir)
     updates = {k: v for k, v in {"tasks": tasks, "limit": limit, "batch_size": batch_size}.items() if v is not None}
     eval_cfg = eval_cfg.model_copy(update=updates)
     if not eval_cfg.tasks:

@@ -94,7 +94,7 @@ def layer_drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[s
 
 def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int = 8) -> dict[str, Any]:
     from cft_adapters.phases import read_manifest
-    from cft_adapters.rescore import _run_settings
+    from cft_adapters.rescore import run_settings
 
     manifest: RunManifest | None = read_manifest(run_dir)
     if manifest is None:
@@ -103,7 +103,7 @@ def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int =
     if len(records) < 2:
         raise CftError(f"{run_dir}: drift compares consecutive checkpoints, and this run has only the base "
                        f"(no finished phase yet)")
-    model_cfg, eval_cfg = _run_settings(run_dir)
+    model_cfg, eval_cfg = run_settings(run_dir)
     cfg = eval_model_config(model_cfg, training_precision(model_cfg))
     path = modeling.resolve_model_path(cfg)
     tokenizer = modeling.load_tokenizer(cfg, path)
@@ -111,7 +111,7 @@ def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int =
     features = {}
     for record in records:
         console.print(f"drift: hidden states of phase {record.index} '{record.name}' on {len(prompts)} probe prompts")
-        with scorer._model_for(run_dir / record.checkpoint if record.checkpoint else None) as model:
+        with scorer.model_for(run_dir / record.checkpoint if record.checkpoint else None) as model:
             features[record.index] = pooled_hidden_states(model, tokenizer, prompts, batch_size)
     transitions = []
     for prev, cur in zip(records, records[1:]):
