@@ -268,3 +268,39 @@ def _write_json(path, data) -> None:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _study_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cft-study",
+        description="Run a study: conditions x seeds of cft-train runs (shared identical phases, token-matched "
+        "budgets), summarised as EA / MA with 95%% confidence intervals in study.md, study.json and study.png.",
+        epilog="examples:\n  cft-study benchmarks/mini_study/quick.yaml\n  cft-study benchmarks/mini_study/full.yaml --dry-run\n"
+        "  cft-study benchmarks/mini_study/quick.yaml --report-only",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("study", help="the study YAML")
+    parser.add_argument("--dry-run", action="store_true", help="validate the study and its recipes, list the cells, train nothing")
+    parser.add_argument("--report-only", action="store_true", help="rewrite study.md/json/png from the finished cells, train nothing")
+    return parser
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    args = _study_parser().parse_args(argv)
+    console, err = Console(), Console(stderr=True)
+    try:
+        _quiet_libraries()
+        from cft_adapters import study
+
+        if args.dry_run:
+            study.dry_run(args.study, console)
+            return 0
+        return 0 if study.run_study(args.study, console, report_only=args.report_only) else 1
+    except DataError as exc:
+        return _report(err, exc, prefix=f"{args.study}: ")
+    except CftError as exc:
+        return _report(err, exc)
+    except KeyboardInterrupt:
+        err.print("interrupted: re-run the same command to resume (finished cells are skipped)")
+        return 130

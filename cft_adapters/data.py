@@ -182,7 +182,10 @@ def preview_source(src: DatasetSource, where: str, rows: int = 2) -> SourceSumma
     if count is not None:
         count = min(count, src.max_examples) if src.max_examples else count
         count = max(1, round(src.fraction * count)) if src.fraction else count
-    return SourceSummary(where, src.describe(), count, dict(Counter(p["language"] for p in preview)), preview)
+    languages = Counter(p["language"] for p in preview)
+    if src.path is not None and src.language_column:  # local: count every row's tag, not the preview's
+        languages = Counter(str(v) for v in _load_raw(src, where, streaming=False)[src.language_column])
+    return SourceSummary(where, src.describe(), count, dict(languages), preview)
 
 
 def _count_local_rows(src: DatasetSource) -> int | None:

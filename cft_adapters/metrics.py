@@ -68,3 +68,17 @@ def chrf(prediction: str, reference: str) -> float:
     from sacrebleu.metrics import CHRF
 
     return CHRF().sentence_score(prediction, [reference]).score / 100.0
+
+
+_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
+
+
+def _words(text: str) -> str:
+    return " ".join(_NON_WORD.sub(" ", text.casefold()).split())
+
+
+def contains_answer(prediction: str, reference: str) -> float:
+    """1.0 when the reference occurs in the prediction as whole words (case-insensitive, punctuation
+    and quotes ignored, accents kept: "fevrier" is not "février"), else 0.0."""
+    ref = _words(reference)
+    return float(bool(ref) and f" {ref} " in f" {_words(prediction)} ")

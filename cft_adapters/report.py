@@ -37,10 +37,13 @@ PRIMARY_METRICS: list[tuple[str, str]] = [
     ("cft_smoke_en_mc", "acc"),
     ("cft_smoke_en_gen", "rougeL"),
     ("cft_smoke_ml_*", "chrf"),
+    ("cft_mini_en_mc", "acc"),
+    ("cft_mini_en_qa", "contains"),
+    ("cft_mini_ml_*", "contains"),
 ]
-ABILITY_GROUPS = {"cft_en", "cft_ml", "cft_ml_seen", "cft_ml_unseen", "cft_smoke_en", "cft_smoke_ml"}
-_ENGLISH_TASKS = {"ifeval", "mmlu", "hellaswag", "cft_smoke_en_mc", "cft_smoke_en_gen"}
-_LANG_SUFFIX = re.compile(r"^(?:cft_xlsum|cft_langfid|cft_smoke_ml|xquad|global_mmlu|global_mmlu_full|mlqa)_([a-z]{2})(?:_[a-z]{2})?$")
+ABILITY_GROUPS = {"cft_en", "cft_ml", "cft_ml_seen", "cft_ml_unseen", "cft_smoke_en", "cft_smoke_ml", "cft_mini_en", "cft_mini_ml"}
+_ENGLISH_TASKS = {"ifeval", "mmlu", "hellaswag", "cft_smoke_en_mc", "cft_smoke_en_gen", "cft_mini_en_mc", "cft_mini_en_qa"}
+_LANG_SUFFIX = re.compile(r"^(?:cft_xlsum|cft_langfid|cft_smoke_ml|cft_mini_ml|xquad|global_mmlu|global_mmlu_full|mlqa)_([a-z]{2})(?:_[a-z]{2})?$")
 
 
 def task_language(name: str) -> str | None:

@@ -182,9 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def validate_offline(names: list[str]) -> list[str]:
     """What `lm-eval validate` does not check (it only looks names up): every member of these groups
@@ -228,3 +225,7 @@ def validate_offline(names: list[str]) -> list[str]:
     for name in names:
         visit(name, "(requested)")
     return problems
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,11 +45,11 @@ def summarize(values: Sequence[float], confidence: float = 0.95, seed: int = 0) 
     if x.size == 1:
         return Summary(1, mean, None, None, None, None, "n too small: one run gives no spread and no interval")
     std = float(x.std(ddof=1))
+    if std == 0.0:  # a t or bootstrap interval of a constant is degenerate (scipy returns nan)
+        return Summary(int(x.size), mean, std, mean, mean, "t" if x.size < BOOTSTRAP_FROM else "bootstrap", "all values equal")
     if x.size < BOOTSTRAP_FROM:
         low, high = stats.t.interval(confidence, df=x.size - 1, loc=mean, scale=stats.sem(x))
         return Summary(int(x.size), mean, std, float(low), float(high), "t")
-    if std == 0.0:
-        return Summary(int(x.size), mean, std, mean, mean, "bootstrap", "all values equal")
     res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=9999, method="BCa",
                           rng=np.random.default_rng(seed))
     return Summary(int(x.size), mean, std, float(res.confidence_interval.low), float(res.confidence_interval.high), "bootstrap")
@@ -77,6 +77,8 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], method: Literal["p
     diff = float((x - y).mean()) if x.size else float("nan")
     if x.size < 2:
         return Comparison(int(x.size), diff, None, None, method, "n too small: a paired test needs at least 2 seeds")
+    if float(np.ptp(x - y)) == 0.0:  # every seed differs by the same amount: no test statistic exists
+        return Comparison(int(x.size), diff, None, None, method, "the differences are identical in every seed; no test")
     if method == "paired_t":
         res = stats.ttest_rel(x, y)
         return Comparison(int(x.size), diff, float(res.statistic), float(res.pvalue), method)
