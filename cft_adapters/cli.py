@@ -266,9 +266,6 @@ def _write_json(path, data) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def _study_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -304,3 +301,7 @@ def study_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted: re-run the same command to resume (finished cells are skipped)")
         return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

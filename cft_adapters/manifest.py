@@ -35,6 +35,10 @@ class TrainStats(BaseModel):
     init_adapter: str | None = Field(None, description="Adapter the phase started from (None: fresh LoRA init).")
     init_digest: str = Field(description="tensors_digest of the adapter when training started.")
     final_digest: str = Field(description="tensors_digest of the saved adapter.")
+    world_size: int = Field(1, description="Data-parallel processes that trained the phase.")
+    rank_digests: list[str] | None = Field(
+        None, description="Data-parallel runs: every rank's final tensors_digest (all equal, or the phase fails)."
+    )
 
 
 class PhaseRecord(BaseModel):
@@ -84,7 +88,11 @@ class RunManifest(BaseModel):
         return cls.model_validate_json((run_dir / MANIFEST).read_text(encoding="utf-8"))
 
     def write(self, run_dir: Path) -> None:
-        write_atomic(run_dir / MANIFEST, self.model_dump_json(indent=2) + "\n")
+        """Rank 0 alone writes run.json in a data-parallel run (see distributed.py)."""
+        from cft_adapters.distributed import is_main
+
+        if is_main():
+            write_atomic(run_dir / MANIFEST, self.model_dump_json(indent=2) + "\n")
 
 
 def write_atomic(path: Path, text: str) -> None:

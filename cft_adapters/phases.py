@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import TrainerCallback
 
-from cft_adapters import modeling, report
+from cft_adapters import distributed, modeling, report
 from cft_adapters.callbacks import NonFiniteGuard, NonFiniteLossError, RichProgressCallback
 from cft_adapters.data import PhaseData, check_data, load_phase_data, truncate_tokenized
 from cft_adapters.errors import CftError, RunError
@@ -154,7 +154,9 @@ class PhaseRunner:
     def __init__(self, recipe: Recipe, recipe_path: str, console: Console | None = None):
         self.recipe = recipe
         self.recipe_path = recipe_path
-        self.console = console or Console()
+        # Data-parallel runs (accelerate launch): rank 0 writes the run directory and talks; see distributed.py.
+        self.main = distributed.is_main()
+        self.console = (console or Console()) if self.main else Console(quiet=True)
         self.run_dir = Path(recipe.output_dir)
         self.phases = recipe.run_phases()  # the recipe's phases, or the single mixed-baseline phase
         self.model = _Model()
@@ -228,7 +230,7 @@ class PhaseRunner:
     def _ensure_base(self) -> None:
         if self.model.base is not None:
             return
-        self.base_path = modeling.resolve_model_path(self.recipe.model)
+        self.base_path = distributed.main_first(lambda: modeling.resolve_model_path(self.recipe.model), "model preparation")
         self.console.print(f"[bold]loading base[/] {self.recipe.model.name_or_path} "
                            f"({self.recipe.model.quantization}) from {self.base_path}")
         self.model.tokenizer = modeling.load_tokenizer(self.recipe.model, self.base_path)
@@ -315,7 +317,8 @@ class PhaseRunner:
     # -- the run --------------------------------------------------------------------------------
 
     def run(self) -> RunManifest:
-        self.manifest = self._setup_run_dir()
+        distributed.init()
+        self.manifest = distributed.main_first(self._setup_run_dir, "set-up", others=lambda: RunManifest.read(self.run_dir))
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=self.console,
@@ -333,6 +336,8 @@ class PhaseRunner:
                     self._run_phase(k, progress)
                 self._maybe_evaluate(k)
                 progress.update(overall, advance=1)
+        if not self.main:
+            return self.manifest
         self.console.print(summary_table(self.manifest))
         if self.recipe.eval.tasks:
             self.console.print(*report.rich_tables(self.manifest, self.recipe.eval.tasks))
@@ -356,6 +361,8 @@ class PhaseRunner:
     def _maybe_evaluate(self, k: int) -> None:
         """Score phase k (0: the base) unless it is scored already or the recipe asks for nothing."""
         assert self.manifest is not None
+        if not self.main:  # rank 0 scores; the others go on and wait for it at the next phase's set-up
+            return
         record = self.manifest.phases[k]
         if not self.recipe.eval.tasks:
             record.eval_status = "skipped"
@@ -390,20 +397,28 @@ class PhaseRunner:
         record = self.manifest.phases[k]
         phase_dir = self.run_dir / record.dirname
         adapter_dir = phase_dir / "adapter"
-        for leftover in phase_dir.glob(".adapter.tmp-*"):  # a save cut short by a kill
-            shutil.rmtree(leftover, ignore_errors=True)
-        if adapter_dir.exists():
+
+        def recover() -> bool:
+            """Tidy what a killed attempt left; True when its adapter was saved and only needs recording."""
+            for leftover in phase_dir.glob(".adapter.tmp-*"):  # a save cut short by a kill
+                shutil.rmtree(leftover, ignore_errors=True)
+            if not adapter_dir.exists():
+                return False
             stats = _saved_stats(phase_dir)
             if _adapter_complete(adapter_dir) and stats is not None and stats.config_digest == record.config_digest:
                 # The previous attempt saved the adapter but stopped before recording it.
                 shutil.rmtree(self._trainer_dir(record), ignore_errors=True)
                 self._mark_done(record, stats, phase_dir)
                 self.console.print(f"phase {k} '{record.name}': adapter was already saved; recorded as done")
-                return
+                return True
             # An unrecorded adapter from other settings: keep it aside, never delete it.
             aside = phase_dir / f"adapter.stale-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(adapter_dir, aside)
             self.console.print(f"phase {k} '{record.name}': an unrecorded adapter from other settings was moved to {aside}")
+            return False
+
+        if distributed.main_first(recover, f"phase {k} set-up"):
+            return
         record.status, record.error = "running", None
         self.manifest.write(self.run_dir)
         try:
@@ -445,12 +460,15 @@ class PhaseRunner:
         if placement is not None:
             placement.trainable_parameters = trainable
             record.placement = placement.to_json()
-            write_atomic(phase_dir / "placement.json", json.dumps(record.placement, indent=2) + "\n")
+            if self.main:
+                write_atomic(phase_dir / "placement.json", json.dumps(record.placement, indent=2) + "\n")
             self.console.print(f"phase {k} '{phase.name}': {placement.strategy} placement freezes layers "
                                f"{placement.frozen}; {trainable} trainable parameters")
             self.manifest.write(self.run_dir)
         modeling.set_gradient_checkpointing(peft_model, training.gradient_checkpointing)
-        pool = self._replay_pool(k, phase_dir, len(data.dataset), init_adapter) if phase.replay else None
+        pool = distributed.main_first(  # rank 0 builds (generates) the pool; the others read its replay.jsonl
+            lambda: self._replay_pool(k, phase_dir, len(data.dataset), init_adapter), f"phase {k} replay pool"
+        ) if phase.replay else None
         init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
 
         trainer_dir = self._trainer_dir(record)
@@ -509,9 +527,19 @@ class PhaseRunner:
                 "file": str((phase_dir / REPLAY_FILE).relative_to(self.run_dir)),
                 "generation": pool.generation,
             }
-        write_atomic(phase_dir / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
-        self._save_adapter_atomically(peft_model, phase_dir, stats)
-        shutil.rmtree(trainer_dir, ignore_errors=True)  # optimizer state is only needed to resume
+        if distributed.world_size() > 1:
+            digests = distributed.gather(stats.final_digest)
+            stats.world_size, stats.rank_digests = len(digests), digests
+            if len(set(digests)) > 1:
+                raise RunError(f"phase {k} '{phase.name}': the data-parallel ranks ended with different adapters "
+                               f"({', '.join(digests)}); nothing was saved")
+
+        def save() -> None:
+            write_atomic(phase_dir / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
+            self._save_adapter_atomically(peft_model, phase_dir, stats)
+            shutil.rmtree(trainer_dir, ignore_errors=True)  # optimizer state is only needed to resume
+
+        distributed.main_first(save, f"phase {k} save", others=lambda: None)  # the next phase reads this adapter
         self._mark_done(record, stats, phase_dir)
 
     def _replay_pool(self, k: int, phase_dir: Path, phase_examples: int, init_adapter: str | None) -> ReplayPool:

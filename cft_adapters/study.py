@@ -419,6 +419,7 @@ def _cell_result(cell: Cell, state: dict[str, Any]) -> dict[str, Any]:
             "forgetting": report.forgetting(scores, k), "tokens": rec.train.tokens if rec.train else None,
             "train_seconds": rec.train.seconds if rec.train else None, "eval_seconds": rec.eval_seconds,
             "shared_from": getattr(rec, "shared_from", None),
+            "metrics": {f"{t}/{m}": v for t in cell.recipe.eval.tasks for m, v in sorted((rec.eval.get(t) or {}).items())},
         })
     row["compute_seconds"] = round(compute, 1)
     return row
@@ -460,6 +461,13 @@ def aggregate(study: Study, cells: list[dict[str, Any]]) -> list[dict[str, Any]]
                             **summarize(diffs).to_json(),
                             "test": paired_comparison([values[s] for s in seeds], [other[s] for s in seeds]).to_json(),
                         }
+            # every metric lm-eval reported for the requested tasks (e.g. cft_mini_ml/langfid), over seeds
+            per_metric: dict[str, list[float]] = {}
+            for c in cells:
+                if c["condition"] == cond.name and k < len(c["phases"]) and c["phases"][k]["eval_status"] == "done":
+                    for key, value in c["phases"][k].get("metrics", {}).items():
+                        per_metric.setdefault(key, []).append(value)
+            row["metrics"] = {key: summarize(v).to_json() for key, v in per_metric.items()}
             rows.append(row)
     return rows
 
@@ -542,6 +550,17 @@ def study_markdown(result: dict[str, Any]) -> str:
     for row in result["summary"]:
         lines.append(f"| {row['condition']} | {row['phase']} {row['name']} | {_cell_text(row['ea'])} | {_cell_text(row['ma'])} | "
                      f"{_cell_text(row['forgetting'])} | {_delta_text(row.get('delta_ea'))} | {_delta_text(row.get('delta_ma'))} |")
+    keys = sorted({key for row in result["summary"] for key in row.get("metrics", {})})
+    if keys:
+        lines += ["", "## Every reported metric of the requested tasks", "",
+                  "Mean over seeds (± std when n > 1). EA / MA above use each member task's primary metric.", "",
+                  "| condition | phase | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+        for row in result["summary"]:
+            cells_ = []
+            for key in keys:
+                m = row.get("metrics", {}).get(key)
+                cells_.append("-" if not m else f"{m['mean']:.3f}" + (f" ± {m['std']:.3f}" if m["std"] is not None else ""))
+            lines.append(f"| {row['condition']} | {row['phase']} {row['name']} | " + " | ".join(cells_) + " |")
     budgets = result["token_budgets"]
     lines += ["", "## Token budgets", ""]
     if budgets:
@@ -598,7 +617,8 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
                 lo.append(s["mean"] - s["ci_low"] if s["ci_low"] is not None else 0.0)
                 hi.append(s["ci_high"] - s["mean"] if s["ci_high"] is not None else 0.0)
             name = next(r["name"] for r in result["summary"] if r["phase"] == k)
-            ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=3, label=f"phase {k} {name}")
+            errors = [lo, hi] if any(lo) or any(hi) else None
+            ax.bar(xs, ys, width=width, yerr=errors, capsize=3, label=f"phase {k} {name}")
         ax.set_xticks(range(len(conditions)), conditions, rotation=20, ha="right")
         ax.set_title(title)
         ax.set_ylim(0, 1)

@@ -1,0 +1,211 @@
+"""cft-study: the study schema, the bundled mini-study data and tasks, and a real 2 x 2 study on the
+tiny model (shared phase 1, token-matched phase 2, intervals, resumption)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cft_adapters.cli import study_main
+from cft_adapters.errors import RecipeError
+from cft_adapters.manifest import RunManifest
+from cft_adapters.study import load_study
+from cft_adapters.tasks_path import tasks_dir
+
+from conftest import SMOKE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+
+def test_study_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    bad = _write(tmp_path / "s.yaml", {
+        "output_dir": str(tmp_path / "out"), "seeds": 0, "reference": "nope", "colour": 1,
+        "conditions": [{"name": "a", "recipe": str(SMOKE)}, {"name": "a", "recipe": str(SMOKE), "override": []}],
+    })
+    with pytest.raises(RecipeError) as info:
+        load_study(bad)
+    text = "\n".join(info.value.problems)
+    assert f"{bad}: seeds: " in text and "at least 1 seed" in text
+    assert f"{bad}: colour: unknown key" in text
+    assert f"{bad}: conditions[1].override: unknown key; allowed: name, recipe, overrides" in text
+
+
+def test_duplicate_names_and_unknown_reference_are_errors(tmp_path: Path) -> None:
+    dup = _write(tmp_path / "d.yaml", {"output_dir": "x", "conditions": [{"name": "a", "recipe": "r"}, {"name": "a", "recipe": "r"}]})
+    with pytest.raises(RecipeError, match="duplicate name"):
+        load_study(dup)
+    ref = _write(tmp_path / "r.yaml", {"output_dir": "x", "reference": "b", "conditions": [{"name": "a", "recipe": "r"}]})
+    with pytest.raises(RecipeError, match="reference: 'b' is not a condition"):
+        load_study(ref)
+
+
+def test_a_bad_condition_override_names_the_condition(tmp_path: Path, capsys) -> None:
+    study = _write(tmp_path / "s.yaml", {
+        "output_dir": str(tmp_path / "out"), "seeds": 1,
+        "conditions": [{"name": "ok", "recipe": str(SMOKE)},
+                       {"name": "broken", "recipe": str(SMOKE), "overrides": ["training.learning_rat=1"]}],
+    })
+    assert study_main([str(study), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "conditions[1] (broken)" in err and "training.learning_rat" in err and "Traceback" not in err
+
+
+# -- bundled data and tasks -------------------------------------------------------------------
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_bundled_mini_data_is_what_make_data_writes() -> None:
+    spec = importlib.util.spec_from_file_location("make_data", ROOT / "benchmarks" / "mini_study" / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)  # type: ignore[union-attr]
+    assert make_data.main(["--check"]) == 0
+
+
+def test_mini_sets_sizes_parallel_ids_and_no_eval_item_in_training() -> None:
+    train = ROOT / "cft_adapters" / "data" / "mini"
+    evals = ROOT / "lm_eval_tasks" / "cft_mini" / "data"
+    sets = {p.stem: _rows(p) for p in train.glob("*.jsonl")}
+    for name, rows in sets.items():
+        assert 150 <= len(rows) <= 250, name
+    for name in ("similar", "dissimilar"):
+        assert [r["id"] for r in sets[name]] == [r["id"] for r in sets[f"{name}_en"]]
+        assert {r["lang"] for r in sets[name]} == {"fr", "es", "de"}
+        assert {r["lang"] for r in sets[f"{name}_en"]} == {"en"}
+    assert not {r["task"] for r in sets["similar"]} & {r["task"] for r in sets["dissimilar"]}
+    assert {r["task"] for r in sets["similar"]} == {r["task"] for r in sets["en_tasks"]}
+    trained = {r["instruction"] for rows in sets.values() for r in rows}
+    held_out = [r.get("prompt") or r.get("question") for p in evals.glob("*.jsonl") for r in _rows(p)]
+    assert len(held_out) == 85 + 85 + 3 * 50
+    assert not trained & set(held_out)
+
+
+def test_mini_tasks_validate_offline() -> None:
+    from cft_adapters.taskgen import validate_offline
+
+    assert validate_offline(["cft_mini_en", "cft_mini_ml"]) == []
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_cli_scores_the_mini_tasks(tiny_model_path: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model_path}",
+           "--include_path", str(tasks_dir()), "--tasks", "cft_mini_en_mc,cft_mini_ml_fr", "--limit", "3",
+           "--apply_chat_template", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    assert 0.0 <= results["cft_mini_en_mc"]["acc,none"] <= 1.0
+    assert {"contains,none", "langfid,none", "chrf,none"} <= set(results["cft_mini_ml_fr"])
+
+
+# -- a real study on the tiny model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, tiny_model_path) -> tuple[Path, Path, str]:
+    tmp = tmp_path_factory.mktemp("study")
+    study = _write(tmp / "study.yaml", {
+        "description": "tiny 2 x 2",
+        "output_dir": str(tmp / "out"),
+        "seeds": [0, 1],
+        "reference": "similar",
+        "overrides": ["training.num_train_epochs=1", "eval.limit=4", "phases[0].datasets[0].max_examples=24"],
+        "conditions": [
+            {"name": "similar", "recipe": str(SMOKE)},
+            {"name": "dissimilar", "recipe": str(SMOKE), "overrides": [
+                "phases[1].datasets[0]={path: 'builtin:mini/dissimilar.jsonl', format: alpaca, language_column: lang, max_examples: 40}",
+            ]},
+        ],
+    })
+    import io
+
+    from rich.console import Console
+
+    import cft_adapters.study as study_mod
+
+    buf = io.StringIO()
+    assert study_mod.run_study(study, Console(file=buf, width=200)) is True
+    return study, tmp / "out", buf.getvalue()
+
+
+@pytest.mark.slow
+def test_study_shares_phase_one_and_the_base_scores(tiny_study) -> None:
+    _, out, _ = tiny_study
+    cells = out / "cells"
+    first = RunManifest.read(cells / "similar" / "seed_0")
+    assert all(getattr(r, "shared_from", None) is None for r in first.phases)
+    twin = RunManifest.read(cells / "dissimilar" / "seed_0")
+    assert twin.phases[0].shared_from == "../../similar/seed_0/phase_0_base"  # type: ignore[attr-defined]
+    assert twin.phases[1].shared_from == "../../similar/seed_0/phase_1_english"  # type: ignore[attr-defined]
+    assert getattr(twin.phases[2], "shared_from", None) is None
+    a = (cells / "similar/seed_0/phase_1_english/adapter/adapter_model.safetensors").read_bytes()
+    b = (cells / "dissimilar/seed_0/phase_1_english/adapter/adapter_model.safetensors").read_bytes()
+    assert a == b
+    other_seed = RunManifest.read(cells / "similar" / "seed_1")
+    assert getattr(other_seed.phases[0], "shared_from", None) is not None  # the base is scored once for all seeds
+    assert getattr(other_seed.phases[1], "shared_from", None) is None  # another seed trains its own phase 1
+    assert other_seed.phases[1].train.final_digest != first.phases[1].train.final_digest
+
+
+@pytest.mark.slow
+def test_phase_two_is_token_matched(tiny_study) -> None:
+    _, out, _ = tiny_study
+    result = json.loads((out / "study.json").read_text())
+    for seed in ("0", "1"):
+        natural = result["natural_tokens"][seed]
+        assert natural["similar"][0] == natural["dissimilar"][0]  # phase 1 identical: no budget, stays shared
+        budget = result["token_budgets"][seed]["1"]
+        assert budget == min(natural["similar"][1], natural["dissimilar"][1]) < max(natural["similar"][1], natural["dissimilar"][1])
+        for cond in ("similar", "dissimilar"):
+            tokens = RunManifest.read(out / "cells" / cond / f"seed_{seed}").phases[2].train.tokens
+            assert budget <= tokens < budget + 8 * 256  # stops within one batch of the budget
+
+
+@pytest.mark.slow
+def test_study_outputs_have_intervals_and_deltas(tiny_study) -> None:
+    _, out, _ = tiny_study
+    result = json.loads((out / "study.json").read_text())
+    rows = {(r["condition"], r["phase"]): r for r in result["summary"]}
+    assert set(rows) == {(c, k) for c in ("similar", "dissimilar") for k in (0, 1, 2)}
+    final = rows[("dissimilar", 2)]
+    assert final["ea"]["n"] == 2 and final["ea"]["ci_low"] is not None and final["ea"]["method"] == "t"
+    seeds = final["ea_seeds"]
+    assert final["ea"]["mean"] == pytest.approx((seeds["0"] + seeds["1"]) / 2)
+    ref = rows[("similar", 2)]["ea_seeds"]
+    assert final["delta_ea"]["mean"] == pytest.approx((seeds["0"] - ref["0"] + seeds["1"] - ref["1"]) / 2)
+    assert "delta_ea" not in rows[("similar", 2)]
+    md = (out / "study.md").read_text()
+    assert "| condition | phase | EA | MA |" in md and "## Token budgets" in md and "\nMachine: " in md
+    png = (out / "study.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_cells_and_one_seed_says_no_interval(tiny_study, capsys) -> None:
+    study, out, _ = tiny_study
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("run.json")}
+    assert study_main([str(study)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("run.json")} == before
+    one = _write(study.with_name("one.yaml"), {**yaml.safe_load(study.read_text()), "seeds": [0]})
+    assert study_main([str(one), "--report-only"]) == 0
+    md = (out / "study.md").read_text()
+    assert "**n = 1: no standard deviation, interval or test.**" in md
+    assert json.loads((out / "study.json").read_text())["summary"][0]["ea"]["note"].startswith("n too small")
