@@ -100,8 +100,8 @@ class TrainingConfig(_Strict):
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the phase's data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps for the phase; overrides num_train_epochs.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (non-reentrant).")
-    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
-        "adamw_torch", description="Optimizer."
+    optim: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
+        "adamw_torch_fused", description="Optimizer. The default is the Trainer's own (fused AdamW, CPU and GPU)."
     )
     seed: int = Field(42, description="Seed for adapter init, data shuffling and dropout.")
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only, not on the prompt.")
