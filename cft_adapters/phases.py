@@ -230,7 +230,8 @@ class PhaseRunner:
     def _ensure_base(self) -> None:
         if self.model.base is not None:
             return
-        self.base_path = distributed.main_first(lambda: modeling.resolve_model_path(self.recipe.model), "model preparation")
+        if self.base_path is None:  # run() resolves it on every rank; this is for callers outside run()
+            self.base_path = modeling.resolve_model_path(self.recipe.model)
         self.console.print(f"[bold]loading base[/] {self.recipe.model.name_or_path} "
                            f"({self.recipe.model.quantization}) from {self.base_path}")
         self.model.tokenizer = modeling.load_tokenizer(self.recipe.model, self.base_path)
@@ -319,6 +320,10 @@ class PhaseRunner:
     def run(self) -> RunManifest:
         distributed.init()
         self.manifest = distributed.main_first(self._setup_run_dir, "set-up", others=lambda: RunManifest.read(self.run_dir))
+        if distributed.world_size() > 1:
+            # Every rank at the same point (rank 0 builds or dequantizes a builtin model first): later,
+            # only rank 0 evaluates, so no collective may hide behind loading the base.
+            self.base_path = distributed.main_first(lambda: modeling.resolve_model_path(self.recipe.model), "model preparation")
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=self.console,
@@ -515,13 +520,15 @@ class PhaseRunner:
             final_digest=modeling.tensors_digest(final),
         )
         if collator is not None:
+            counts = distributed.gather((collator.replayed, collator.seen, collator.replay_tokens))  # every rank's
+            replayed, seen, replay_tokens = (sum(c[i] for c in counts) for i in range(3))
             record.replay = {
                 "kind": phase.replay.kind,
                 "ratio_requested": phase.replay.ratio,
-                "ratio_achieved": round(collator.achieved_ratio, 6),
-                "replayed_examples": collator.replayed,
-                "stream_examples": collator.seen,
-                "replay_tokens": collator.replay_tokens,
+                "ratio_achieved": round(replayed / seen, 6) if seen else 0.0,
+                "replayed_examples": replayed,
+                "stream_examples": seen,
+                "replay_tokens": replay_tokens,
                 "pool_examples": len(pool.rows),
                 "pool_reused": pool.reused,
                 "file": str((phase_dir / REPLAY_FILE).relative_to(self.run_dir)),
@@ -563,7 +570,8 @@ class PhaseRunner:
             prepared = truncate_tokenized(prepared, training.max_length)
         seed = training.seed
         keep = [c for c in prepared.column_names if c not in ("prompt", "completion")]
-        collator = ReplayCollator(trainer.data_collator, prepared.select_columns(keep).to_list(), cfg.ratio, seed)
+        collator = ReplayCollator(trainer.data_collator, prepared.select_columns(keep).to_list(), cfg.ratio, seed,
+                                  rank=distributed.rank(), world_size=distributed.world_size())
         trainer.data_collator = collator
         trainer.add_callback(ReplayPositionCallback(collator))
         return collator

@@ -199,7 +199,9 @@ def spectrum_scan(base: Any, target_modules: list[str], cache_key: str, cache_ro
         "base": cache_key,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result, indent=1))
+    from cft_adapters.manifest import write_atomic
+
+    write_atomic(cache, json.dumps(result, indent=1))  # data-parallel ranks may scan at the same time
     return result
 
 

@@ -63,7 +63,8 @@ class ReplayPool:
 class ReplayCollator:
     """Wraps the collator TRL would use; swaps replay examples into each batch on the schedule."""
 
-    def __init__(self, collator: Any, replay_features: list[dict[str, Any]], ratio: float, seed: int):
+    def __init__(self, collator: Any, replay_features: list[dict[str, Any]], ratio: float, seed: int,
+                 rank: int = 0, world_size: int = 1):
         if not replay_features:
             raise CftError("replay pool is empty")
         self.collator = collator
@@ -71,20 +72,26 @@ class ReplayCollator:
         self.ratio = ratio
         self.order = list(range(len(replay_features)))
         random.Random(seed).shuffle(self.order)
-        self.position = 0  # index of the next example slot in this phase's stream
+        # Data parallel: the sampler deals example i of the global stream to rank i % world_size, so
+        # local slot p is global slot p * world_size + rank. The schedule and the choice of replay
+        # example follow the global slot: ranks never replay the same example at the same time.
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # index of the next example slot in this rank's stream
         self.seen = 0
         self.replayed = 0
         self.replay_tokens = 0
 
     def seek(self, position: int) -> None:
-        """Resume: continue the schedule where the checkpoint left off."""
+        """Resume: continue the schedule where the checkpoint left off (a local slot index)."""
         self.position = position
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         batch = []
         for feature in features:
-            if is_replay_slot(self.position, self.ratio):
-                replay = self.features[self.order[self.replayed % len(self.order)]]
+            slot = self.position * self.world_size + self.rank
+            if is_replay_slot(slot, self.ratio):
+                # the k-th replay slot of the global stream takes the k-th example of the shuffled pool
+                replay = self.features[self.order[math.floor(slot * self.ratio) % len(self.order)]]
                 feature = {key: replay[key] for key in feature if key in replay}
                 self.replayed += 1
                 self.replay_tokens += len(feature["input_ids"])
@@ -105,7 +112,7 @@ class ReplayPositionCallback(TrainerCallback):
         self.collator = collator
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.collator.seek(state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+        self.collator.seek(state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps)
 
 
 @torch.no_grad()

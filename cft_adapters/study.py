@@ -199,9 +199,17 @@ def _finished_phases(manifest: RunManifest, keys_of_donor: list[str], keys: list
     return n
 
 
-def cell_finished(cell: Cell) -> bool:
+def _state_key(cell: Cell) -> str:
+    return f"{cell.condition}/seed_{cell.seed}"
+
+
+def cell_finished(cell: Cell, state: dict[str, Any]) -> bool:
+    """Every phase trained and scored, under exactly the settings the study asks for now: the keys
+    recorded when the cell ran (digests of model, adapter, phases, budgets and evaluation) must equal
+    today's. A cell of an edited study is never reported from stale results."""
     path = cell.run_dir / "run.json"
-    if not path.is_file():
+    recorded = state.get("cells", {}).get(_state_key(cell), {}).get("keys")
+    if not path.is_file() or recorded != phase_keys(cell.recipe):
         return False
     try:
         manifest = RunManifest.read(cell.run_dir)
@@ -213,18 +221,20 @@ def cell_finished(cell: Cell) -> bool:
     )
 
 
-def share_into(cell: Cell, donors: list[Cell]) -> list[str]:
+def share_into(cell: Cell, donors: list[Cell], state: dict[str, Any]) -> list[str]:
     """Copy the longest run of reusable finished phases from a donor cell into a new cell directory.
+    A donor's phases are matched by the keys recorded when it ran (not by its recipe today).
     Everything is assembled in a temporary folder and renamed into place in one step."""
     if cell.run_dir.exists():
         return []
     keys = phase_keys(cell.recipe)
     best, best_n = None, 0
     for donor in donors:
-        if not (donor.run_dir / "run.json").is_file():
+        donor_keys = state.get("cells", {}).get(_state_key(donor), {}).get("keys")
+        if not donor_keys or not (donor.run_dir / "run.json").is_file():
             continue
         manifest = RunManifest.read(donor.run_dir)
-        n = _finished_phases(manifest, phase_keys(donor.recipe), keys)
+        n = _finished_phases(manifest, donor_keys, keys)
         if n > best_n:
             best, best_n = (donor, manifest), n
     if best is None:
@@ -333,12 +343,13 @@ def run_study(study_path: str | Path, console: Console, report_only: bool = Fals
     if not report_only:
         write_atomic(state_file, json.dumps(state, indent=2) + "\n")
         for i, cell in enumerate(cells):
-            key = f"{cell.condition}/seed_{cell.seed}"
-            if cell_finished(cell):
+            key = _state_key(cell)
+            if cell_finished(cell, state):
                 cell.status = "skipped"
+                state["cells"][key]["status"] = "done"  # e.g. a failed evaluation since retried with cft-eval
                 console.print(f"[bold]cell {i + 1}/{len(cells)}[/] {key}: finished, skipped")
                 continue
-            cell.shared = share_into(cell, cells[:i])
+            cell.shared = share_into(cell, cells[:i], state)
             if cell.shared:
                 console.print(f"cell {key}: reusing {', '.join(cell.shared)} from an identical earlier cell")
             console.rule(f"cell {i + 1}/{len(cells)}: {key}")
@@ -353,7 +364,7 @@ def run_study(study_path: str | Path, console: Console, report_only: bool = Fals
                     console.print(f"[red]cell {key} failed[/]: {line}", markup=True, highlight=False)
             cell.wall_seconds = round(time.perf_counter() - started, 1)
             state["cells"][key] = {"status": cell.status, "wall_seconds": cell.wall_seconds, "shared": cell.shared,
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "keys": phase_keys(cell.recipe)}
             write_atomic(state_file, json.dumps(state, indent=2) + "\n")
             write_outputs(study, study_path, cells, state, console, plot=False)
     result = write_outputs(study, study_path, cells, state, console, plot=True)
@@ -406,8 +417,10 @@ def _cell_result(cell: Cell, state: dict[str, Any]) -> dict[str, Any]:
     if not (cell.run_dir / "run.json").is_file():
         return row
     manifest = RunManifest.read(cell.run_dir)
-    if cell_finished(cell) and row["status"] == "pending":
+    if cell_finished(cell, state):
         row["status"] = "done"
+    elif row["status"] == "done":  # finished under other settings than the study's now
+        row["status"] = "stale"
     scores = report.phase_scores(manifest, cell.recipe.eval.tasks)
     compute = 0.0
     for k, (rec, s) in enumerate(zip(manifest.phases, scores)):
@@ -616,9 +629,10 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
                 ys.append(s["mean"])
                 lo.append(s["mean"] - s["ci_low"] if s["ci_low"] is not None else 0.0)
                 hi.append(s["ci_high"] - s["mean"] if s["ci_high"] is not None else 0.0)
-            name = next(r["name"] for r in result["summary"] if r["phase"] == k)
+            names = {r["name"] for r in result["summary"] if r["phase"] == k}
             errors = [lo, hi] if any(lo) or any(hi) else None
-            ax.bar(xs, ys, width=width, yerr=errors, capsize=3, label=f"phase {k} {name}")
+            ax.bar(xs, ys, width=width, yerr=errors, capsize=3,
+                   label=f"phase {k} {names.pop()}" if len(names) == 1 else f"phase {k}")
         ax.set_xticks(range(len(conditions)), conditions, rotation=20, ha="right")
         ax.set_title(title)
         ax.set_ylim(0, 1)
@@ -637,7 +651,10 @@ def dry_run(study_path: str | Path, console: Console) -> None:
     """The cells, which phases they would share, and where they go; no model is loaded."""
     study_path = Path(study_path)
     study = load_study(study_path)
-    cells = load_cells(study, study_path)
+    state_file = Path(study.output_dir) / "cells.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    saved = state.get("token_budgets", {}) if study.match_tokens else {}
+    cells = load_cells(study, study_path, {int(s): {int(k): int(b) for k, b in ph.items()} for s, ph in saved.items()})
     table = Table(title=f"study {study_path}: {len(study.conditions)} condition(s) x {len(study.seed_list)} seed(s)")
     for col in ("cell", "recipe", "phases", "would reuse", "status"):
         table.add_column(col, overflow="fold")
@@ -649,7 +666,7 @@ def dry_run(study_path: str | Path, console: Console) -> None:
             reuse = max(reuse, next((k for k in range(min(len(dk), len(keys))) if dk[k] != keys[k]), min(len(dk), len(keys))))
         names = ["base"] + [p.name for p in cell.recipe.run_phases()]
         table.add_row(f"{cell.condition}/seed_{cell.seed}", cell.recipe_path, " → ".join(names),
-                      ", ".join(names[:reuse]) or "-", "finished" if cell_finished(cell) else "to run")
+                      ", ".join(names[:reuse]) or "-", "finished" if cell_finished(cell, state) else "to run")
     console.print(table)
     console.print(f"token matching: {'on (budgets are computed with the tokenizer when the study starts)' if study.match_tokens else 'off'}")
     console.print(f"outputs: {Path(study.output_dir) / STUDY_MD}, {STUDY_JSON}, {STUDY_PNG}")

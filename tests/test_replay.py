@@ -177,3 +177,19 @@ def test_mixed_baseline_sees_the_union_and_budgets_match_tokens(tmp_path) -> Non
 def test_mixed_baseline_refuses_per_phase_settings() -> None:
     with pytest.raises(RecipeError, match=r"phases\[1\]\.replay: not used with mixed_baseline"):
         load_recipe(SMOKE, ["mixed_baseline=true", "phases[1].replay={kind: real, ratio: 0.1}"])
+
+
+def test_data_parallel_ranks_follow_the_single_process_schedule() -> None:
+    """Rank r's local slot p is global slot p*W + r: together the ranks replay exactly what one process
+    would, at the same global slots, and never the same example at once."""
+    pool = [{"input_ids": [100 + i]} for i in range(7)]
+    stream = [{"input_ids": [i]} for i in range(64)]
+    single = ReplayCollator(lambda b: b, pool, 0.25, seed=3)
+    expected = single(stream)
+    ranks = [ReplayCollator(lambda b: b, pool, 0.25, seed=3, rank=r, world_size=2) for r in range(2)]
+    got = [None] * 64
+    for r, collator in enumerate(ranks):
+        for local, feature in enumerate(collator([stream[g] for g in range(r, 64, 2)])):
+            got[local * 2 + r] = feature
+    assert got == expected
+    assert sum(c.replayed for c in ranks) == single.replayed == 16

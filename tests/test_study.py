@@ -110,9 +110,38 @@ def test_mini_sets_sizes_parallel_ids_and_no_eval_item_in_training() -> None:
     assert not {r["task"] for r in sets["similar"]} & {r["task"] for r in sets["dissimilar"]}
     assert {r["task"] for r in sets["similar"]} == {r["task"] for r in sets["en_tasks"]}
     trained = {r["instruction"] for rows in sets.values() for r in rows}
-    held_out = [r.get("prompt") or r.get("question") for p in evals.glob("*.jsonl") for r in _rows(p)]
-    assert len(held_out) == 85 + 85 + 3 * 50
+    eval_rows = {p.stem: _rows(p) for p in evals.glob("*.jsonl")}
+    held_out = [r.get("prompt") or r.get("question") for rows in eval_rows.values() for r in rows]
+    assert len(eval_rows["en_mc"]) == 85 and all(len(eval_rows[f"ml_{l}"]) >= 50 for l in ("fr", "es", "de"))
     assert not trained & set(held_out)
+
+
+def test_no_held_out_fact_is_trained_in_another_form() -> None:
+    """"after Wednesday -> Thursday" is the fact "before Thursday -> Wednesday"; "7 plus 12" is "12 plus 7"."""
+    import re
+
+    en = _rows(ROOT / "cft_adapters" / "data" / "mini" / "en_tasks.jsonl")
+    en += _rows(ROOT / "cft_adapters" / "data" / "mini" / "similar_en.jsonl")
+    words = re.compile(r"[A-Za-z]+|\d+")
+
+    def fact(text: str) -> frozenset:  # the entities, plus the operation of a sum (before/after are one fact)
+        keep = {"plus", "minus"}
+        return frozenset(w for w in words.findall(text) if w[0].isupper() or w.isdigit() or w in keep) - {"What", "The", "Which"}
+
+    trained = {(r["task"], fact(r["output"])) for r in en if r["task"] in ("day", "month", "arithmetic")}
+    for row in _rows(ROOT / "lm_eval_tasks" / "cft_mini" / "data" / "en_mc.jsonl"):
+        if row["task"] in ("day", "month", "arithmetic"):
+            held = fact(row["question"] + " " + row["choices"][row["answer"]])
+            assert (row["task"], held) not in trained, row
+
+
+def test_no_free_answer_item_is_answered_by_its_own_prompt() -> None:
+    from cft_adapters.metrics import contains_answer
+
+    for path in (ROOT / "lm_eval_tasks" / "cft_mini" / "data").glob("*.jsonl"):
+        for row in _rows(path):
+            if "reference" in row:
+                assert contains_answer(row["prompt"], row["reference"]) == 0.0, row
 
 
 def test_mini_tasks_validate_offline() -> None:
@@ -223,7 +252,17 @@ def test_rerun_skips_finished_cells_and_one_seed_says_no_interval(tiny_study, ca
     printed = capsys.readouterr().out
     assert printed.count("finished, skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("run.json")} == before
-    one = _write(study.with_name("one.yaml"), {**yaml.safe_load(study.read_text()), "seeds": [0]})
+    # An edited study never reports stale cells as finished: the recorded keys no longer match.
+    from cft_adapters.study import cell_finished, load_cells
+
+    raw = yaml.safe_load(study.read_text())
+    state = json.loads((out / "cells.json").read_text())
+    budgets = {int(s): {int(k): b for k, b in ph.items()} for s, ph in state["token_budgets"].items()}
+    same = load_cells(load_study(study), study, budgets)
+    assert all(cell_finished(c, state) for c in same)
+    edited = _write(study.with_name("edited.yaml"), {**raw, "overrides": [*raw["overrides"], "eval.limit=3"]})
+    assert not any(cell_finished(c, state) for c in load_cells(load_study(edited), edited, budgets))
+    one = _write(study.with_name("one.yaml"), {**raw, "seeds": [0]})
     assert study_main([str(one), "--report-only"]) == 0
     md = (out / "study.md").read_text()
     assert "**n = 1: no standard deviation, interval or test.**" in md

@@ -354,9 +354,16 @@ TEMPLATES = {**QA, **MANIP}
 
 
 def qa_items(rng: random.Random) -> tuple[list, list]:
-    pairs = sorted({(a, b) for a in range(2, 21) for b in range(1, 13) if a != b})
+    # one ordering per pair (a > b), so a held-out "7 plus 12" is never trained as "12 plus 7"
+    pairs = sorted({(a, b) for a in range(2, 21) for b in range(1, 13) if a > b})
     rng.shuffle(pairs)
-    arith = [("arithmetic", (a, b, "-" if k % 2 and a > b else "+")) for k, (a, b) in enumerate(pairs)]
+    arith, facts = [], set()
+    for k, (a, b) in enumerate(pairs):
+        op = "-" if k % 2 else "+"
+        fact = (op, frozenset({a, b, a + b if op == "+" else a - b}))  # "6 minus 1" and "6 minus 5" share it
+        if fact not in facts:
+            facts.add(fact)
+            arith.append(("arithmetic", (a, b, op)))
     big_pairs = sorted({(a, b) for a in range(1, 100, 3) for b in range(2, 100, 7) if a != b})
     rng.shuffle(big_pairs)
     bigger = [("larger", p) for p in big_pairs]
@@ -366,8 +373,12 @@ def qa_items(rng: random.Random) -> tuple[list, list]:
     cols = [("colour", (i,)) for i in range(len(COLOURS))]
     caps = [("capital", (i,)) for i in range(len(CAPITALS))]
     nums = [("number_word", (n,)) for n in range(21)]
-    # held-out: whole lexicon entries (both directions of an antonym pair, both neighbours of a day)
-    held_days, held_months = {2, 5}, {1, 6, 10}
+    # held-out: whole facts. An antonym pair in both directions; a pair of neighbouring days or
+    # months in both directions ("after Wednesday" and "before Thursday" are the same fact).
+    held_day_pairs, held_month_pairs = {(2, 3), (5, 6)}, {(1, 2), (6, 7), (10, 11)}
+
+    def neighbours(i: int, after: bool, n: int) -> tuple[int, int]:
+        return (i, (i + 1) % n) if after else ((i - 1) % n, i)
     held_ants = set(rng.sample(range(len(ANTONYMS)), 7))
     held_cols = set(rng.sample(range(len(COLOURS)), 4))
     held_caps = set(rng.sample(range(len(CAPITALS)), 6))
@@ -381,8 +392,8 @@ def qa_items(rng: random.Random) -> tuple[list, list]:
     parts = [
         (arith[:50], arith[50:80]),
         (bigger[:30], bigger[30:45]),
-        split(days, lambda a: a[0] in held_days),
-        split(months, lambda a: a[0] in held_months),
+        split(days, lambda a: neighbours(a[0], a[1], 7) in held_day_pairs),
+        split(months, lambda a: neighbours(a[0], a[1], 12) in held_month_pairs),
         split(ants, lambda a: a[0] in held_ants),
         split(cols, lambda a: a[0] in held_cols),
         split(caps, lambda a: a[0] in held_caps),
@@ -412,12 +423,13 @@ def manip_items(rng: random.Random) -> tuple[list, list]:
         + [("spell", (n,)) for n in train_nouns]
     )
     held_pool = sorted(held_nouns)
+    orders = sorted({tuple(rng.sample(held_pool, 3)) for _ in range(60)})
+    rng.shuffle(orders)
     held = (
-        [("sort", (tuple(rng.sample(held_pool, 3)),)) for _ in range(3)]
-        + [("reverse", (tuple(rng.sample(held_pool, 3)),)) for _ in range(3)]
+        [("sort", (o,)) for o in orders[:5]]
+        + [("reverse", (o,)) for o in orders[5:10]]
         + [("spell", (n,)) for n in held_pool]
-        + [("count", (s,)) for s in sorted(held_sents)]
-        + [("last_word", (s,)) for s in sorted(held_sents)]
+        + [("repeat", (n, t)) for n in held_pool for t in (2, 3)]
     )
     return train, held
 
@@ -443,21 +455,33 @@ def training_sets(rng: random.Random, qa_train: list, manip_train: list) -> dict
     return out
 
 
+def _answer_in_prompt(prompt: str, reference: str) -> bool:
+    """Free answers are scored by `contains`; an item whose reference is already in its prompt
+    ("Which number is larger, 30 or 91?", an already sorted list) would score an echo as right."""
+    from cft_adapters.metrics import contains_answer
+
+    return contains_answer(prompt, reference) == 1.0
+
+
 def eval_sets(rng: random.Random, qa_held: list, manip_held: list) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"en_mc": [], "en_qa": []}
     for k, (task, args) in enumerate(qa_held):
         prompt, _, reference = render(task, args, "en")
-        out["en_qa"].append({"id": f"qa-{k:03d}", "task": task, "prompt": prompt, "reference": reference})
+        if not _answer_in_prompt(prompt, reference):
+            out["en_qa"].append({"id": f"qa-{k:03d}", "task": task, "prompt": prompt, "reference": reference})
         choices = sorted(_distractors(task, args, reference, rng) | {reference}, key=_fold)
         out["en_mc"].append({"id": f"mc-{k:03d}", "task": task, "question": prompt, "choices": choices,
                              "answer": choices.index(reference)})
-    # Multilingual: only items whose reference is a word of the target language (no digits), half
-    # from each family, so neither phase-2 condition is trained on the whole evaluation format.
+    # Multilingual: only items whose reference is a word of the target language (no digits), from
+    # both families (34 QA, 28 manipulation), so neither phase-2 condition is trained on the whole
+    # evaluation format.
     language_specific = [it for it in qa_held if it[0] in {"day", "month", "antonym", "colour", "number_word"}]
     for lang in LANGS:
         rows = []
-        for k, (task, args) in enumerate(language_specific + [it for it in manip_held if it[0] != "count"]):
+        for k, (task, args) in enumerate(language_specific + manip_held):
             prompt, _, reference = render(task, args, lang)
+            if _answer_in_prompt(prompt, reference):
+                continue
             rows.append({"id": f"{lang}-{k:03d}", "task": task, "family": "qa" if task in QA else "manip",
                          "language": lang, "prompt": prompt, "reference": reference})
         out[f"ml_{lang}"] = rows
