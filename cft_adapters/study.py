@@ -13,7 +13,7 @@ ordinary run directory, `<output_dir>/cells/<condition>/seed_<s>/`, written by t
   gets `training.token_budget` = the smallest of them, in every condition. Phases whose counts are
   already equal are left alone, so a shared phase 1 stays shareable.
 - **Statistics.** EA / MA per condition and phase (see `report.py`) over seeds: mean, standard
-  deviation and a 95% interval (`analysis.stats.summarize`: t for n < 5, BCa bootstrap from 5; none
+  deviation and a 95% interval (`analysis.stats.summarize`: t for n < 20, BCa bootstrap from 20; none
   for n = 1, said so). Δ vs the reference condition is paired by seed (`paired_comparison`).
 - **Resumable.** Finished cells are skipped; an interrupted cell resumes like any cft-train run.
 

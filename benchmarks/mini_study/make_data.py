@@ -9,8 +9,10 @@ Two families of task types, from hand-written parallel lexicons in en / fr / es 
 - "manip" (the dissimilar phase-2 set): sort words, reverse a list, repeat a word, capital
   letters, count words, last word, spell a word. Different task types, the same languages.
 
-Every item belongs to a train split or a held-out split (disjoint lexicon entries / number pairs), so
-the evaluation sets never contain a training question. Each phase-2 example has an id shared with
+Every item belongs to a train split or a held-out split of whole facts (an antonym pair both ways, a
+pair of neighbouring days or months both ways, a sum or difference with all its numbers), so the
+evaluation sets never contain a training fact in another form. Free-answer evaluation items whose
+answer already appears in the prompt are left out (they would score an echo as right). Each phase-2 example has an id shared with
 its English version (`*_en.jsonl`), the prompts for generative replay and the examples of English
 replay.
 
