@@ -349,6 +349,14 @@ def run_study(study_path: str | Path, console: Console, report_only: bool = Fals
                 state["cells"][key]["status"] = "done"  # e.g. a failed evaluation since retried with cft-eval
                 console.print(f"[bold]cell {i + 1}/{len(cells)}[/] {key}: finished, skipped")
                 continue
+            recorded = state["cells"].get(key, {}).get("keys")
+            if recorded is not None and recorded != phase_keys(cell.recipe) and (cell.run_dir / "run.json").is_file():
+                cell.status, ok = "stale", False
+                state["cells"][key]["status"] = "stale"
+                console.print(f"[red]cell {key}[/]: it ran under other settings than the study's now (model, adapter, "
+                              f"phases, token budget or evaluation changed). Its results are kept but not summarised; "
+                              f"use a new output_dir, or remove {cell.run_dir} to rerun it.")
+                continue
             cell.shared = share_into(cell, cells[:i], state)
             if cell.shared:
                 console.print(f"cell {key}: reusing {', '.join(cell.shared)} from an identical earlier cell")
@@ -370,7 +378,7 @@ def run_study(study_path: str | Path, console: Console, report_only: bool = Fals
     result = write_outputs(study, study_path, cells, state, console, plot=True)
     console.print(summary_table(result))
     console.print(f"study: {out / STUDY_MD}, {out / STUDY_JSON}, {out / STUDY_PNG}")
-    return ok and not any(c["status"] == "failed" for c in result["cells"])
+    return ok and not any(c["status"] in ("failed", "stale") for c in result["cells"])
 
 
 def _run_cell(cell: Cell, console: Console) -> None:
@@ -449,8 +457,8 @@ def aggregate(study: Study, cells: list[dict[str, Any]]) -> list[dict[str, Any]]
 
     def by_seed(condition: str, k: int, metric: str) -> dict[int, float]:
         out = {}
-        for c in cells:
-            if c["condition"] == condition and k < len(c["phases"]) and c["phases"][k]["eval_status"] == "done":
+        for c in cells:  # finished cells only: a running, failed or stale cell is not summarised
+            if c["condition"] == condition and c["status"] == "done" and k < len(c["phases"]):
                 value = c["phases"][k][metric]
                 if value is not None:
                     out[c["seed"]] = value
@@ -477,7 +485,7 @@ def aggregate(study: Study, cells: list[dict[str, Any]]) -> list[dict[str, Any]]
             # every metric lm-eval reported for the requested tasks (e.g. cft_mini_ml/langfid), over seeds
             per_metric: dict[str, list[float]] = {}
             for c in cells:
-                if c["condition"] == cond.name and k < len(c["phases"]) and c["phases"][k]["eval_status"] == "done":
+                if c["condition"] == cond.name and c["status"] == "done" and k < len(c["phases"]):
                     for key, value in c["phases"][k].get("metrics", {}).items():
                         per_metric.setdefault(key, []).append(value)
             row["metrics"] = {key: summarize(v).to_json() for key, v in per_metric.items()}

@@ -267,3 +267,9 @@ def test_rerun_skips_finished_cells_and_one_seed_says_no_interval(tiny_study, ca
     md = (out / "study.md").read_text()
     assert "**n = 1: no standard deviation, interval or test.**" in md
     assert json.loads((out / "study.json").read_text())["summary"][0]["ea"]["note"].startswith("n too small")
+    edited_run = study_main([str(edited)])
+    printed = capsys.readouterr().out
+    assert edited_run == 1 and printed.count("ran under other settings") == 4
+    result = json.loads((out / "study.json").read_text())
+    assert {c["status"] for c in result["cells"]} == {"stale"}
+    assert all(row["ea"] is None for row in result["summary"])  # stale scores are never summarised
