@@ -61,14 +61,6 @@ def init() -> None:
         PartialState(timeout=timedelta(hours=WAIT_HOURS))
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-
-
 def gather(value: Any) -> list[Any]:
     """Every rank's `value`, in rank order (a one-item list without a launcher)."""
     if world_size() == 1:

@@ -417,8 +417,7 @@ def machine() -> dict[str, Any]:
 
 
 def _cell_result(cell: Cell, state: dict[str, Any]) -> dict[str, Any]:
-    key = f"{cell.condition}/seed_{cell.seed}"
-    info = state.get("cells", {}).get(key, {})
+    info = state.get("cells", {}).get(_state_key(cell), {})
     row: dict[str, Any] = {"condition": cell.condition, "seed": cell.seed, "run_dir": str(cell.run_dir),
                            "status": info.get("status", "pending"), "wall_seconds": info.get("wall_seconds"),
                            "shared_phases": info.get("shared", []), "phases": []}
@@ -673,7 +672,7 @@ def dry_run(study_path: str | Path, console: Console) -> None:
             dk = phase_keys(donor.recipe)
             reuse = max(reuse, next((k for k in range(min(len(dk), len(keys))) if dk[k] != keys[k]), min(len(dk), len(keys))))
         names = ["base"] + [p.name for p in cell.recipe.run_phases()]
-        table.add_row(f"{cell.condition}/seed_{cell.seed}", cell.recipe_path, " → ".join(names),
+        table.add_row(_state_key(cell), cell.recipe_path, " → ".join(names),
                       ", ".join(names[:reuse]) or "-", "finished" if cell_finished(cell, state) else "to run")
     console.print(table)
     console.print(f"token matching: {'on (budgets are computed with the tokenizer when the study starts)' if study.match_tokens else 'off'}")
