@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,12 +26,25 @@ from pydantic import (
 from cft_adapters.errors import RecipeError
 
 BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATA_DIR = Path(__file__).parent / "data"
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+SEED_MAX = 2**32 - 1  # numpy.random.seed takes 0 .. 2**32-1; torch.manual_seed takes more, so numpy's range is the limit
 _PHASE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # allow_inf_nan=False: YAML's .inf / .nan parse as floats, and no float of a recipe means anything infinite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
+
+
+def _seed_in_range(value: int) -> int:
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(f"must be in 0 .. {SEED_MAX} (the seeds numpy and torch accept), got {value}")
+    return value
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +117,7 @@ class TrainingConfig(_Strict):
     optim: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
         "adamw_torch_fused", description="Optimizer. The default is the Trainer's own (fused AdamW, CPU and GPU)."
     )
-    seed: int = Field(42, description="Seed for adapter init, data shuffling and dropout.")
+    seed: Seed = Field(42, description=f"Seed for adapter init, data shuffling and dropout (0 .. {SEED_MAX}).")
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only, not on the prompt.")
     logging_steps: int = Field(10, ge=1, description="Steps between loss logs.")
     save_steps: int = Field(100, ge=1, description="Steps between resumable trainer checkpoints.")
@@ -198,15 +212,18 @@ class DatasetSource(_Strict):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None or value.startswith(BUILTIN_PREFIX):
-            if value is not None and not builtin_data_path(value).is_file():
-                raise ValueError(f"no bundled data file '{value}' (available: {', '.join(list_builtin_data())})")
+        if value is None:
+            return value
+        if value.startswith(BUILTIN_PREFIX):
+            problem = builtin_data_problem(value)
+            if problem:
+                raise ValueError(problem)
             return value
         base_dir = Path((info.context or {}).get("base_dir", "."))
         resolved = (base_dir / value).expanduser().resolve() if not Path(value).is_absolute() else Path(value)
         if not resolved.is_file():
             raise ValueError(f"file not found: {resolved}")
-        if resolved.suffix not in {".json", ".jsonl", ".parquet", ".csv"}:
+        if resolved.suffix not in DATA_SUFFIXES:
             raise ValueError(f"expected a .json, .jsonl, .parquet or .csv file, got '{resolved.name}'")
         return str(resolved)
 
@@ -244,13 +261,25 @@ def source_problems(src: dict[str, Any]) -> list[str]:
 
 
 def builtin_data_path(value: str) -> Path:
-    """`builtin:smoke/en_tasks.jsonl` -> the file inside the installed package."""
-    return Path(__file__).parent / "data" / value.removeprefix(BUILTIN_PREFIX)
+    """`builtin:smoke/en_tasks.jsonl` -> the file inside the installed package (see builtin_data_problem)."""
+    return BUILTIN_DATA_DIR / value.removeprefix(BUILTIN_PREFIX)
+
+
+def builtin_data_problem(value: str) -> str | None:
+    """Why `value` is not a bundled data file, or None. A builtin path stays inside the package's data
+    folder (no '..', no absolute path, no symlink out) and names a data file, like a local path."""
+    target = builtin_data_path(value).resolve()
+    if not target.is_relative_to(BUILTIN_DATA_DIR.resolve()):
+        return f"'{value}' points outside the bundled data folder (available: {', '.join(list_builtin_data())})"
+    if target.suffix not in DATA_SUFFIXES:
+        return f"expected a .json, .jsonl, .parquet or .csv file, got '{value}'"
+    if not target.is_file():
+        return f"no bundled data file '{value}' (available: {', '.join(list_builtin_data())})"
+    return None
 
 
 def list_builtin_data() -> list[str]:
-    root = Path(__file__).parent / "data"
-    return sorted(BUILTIN_PREFIX + str(p.relative_to(root)) for p in root.rglob("*.jsonl"))
+    return sorted(BUILTIN_PREFIX + str(p.relative_to(BUILTIN_DATA_DIR)) for p in BUILTIN_DATA_DIR.rglob("*.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,15 +470,98 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
+class _DuplicateKeys(yaml.YAMLError):
+    def __init__(self, found: list[tuple[str, int, int]]):
+        self.found = found  # (key path, first line, repeated line)
+        super().__init__("; ".join(f"{loc}: duplicate key (lines {a} and {b})" for loc, a, b in found))
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key written twice in one mapping is an error: plain YAML keeps
+    the last silently. Keys merged in with `<<: *anchor` may still be overridden, as YAML intends."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        found = _duplicate_keys(node, self)
+        if found:
+            raise _DuplicateKeys(found)
+        return self.construct_document(node)
+
+
+def _duplicate_keys(root: yaml.Node, loader: yaml.SafeLoader) -> list[tuple[str, int, int]]:
+    """Every key written twice in one mapping, with its key path and both lines, before construction."""
+    found: list[tuple[str, int, int]] = []
+    visited: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in visited:  # an alias: the anchored node was checked where it was written
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, (*loc, i)) for i, item in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges mappings, checked as written
+                    stack.append((value_node, loc))
+                    continue
+                key = _key_of(key_node, loader)
+                child = (*loc, str(key))
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    found.append((format_loc(child), first_line[key], line))
+                else:
+                    first_line[key] = line
+                stack.append((value_node, child))
+    return sorted(found, key=lambda item: item[2])
+
+
+def _key_of(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
+    """The key as YAML constructs it (so `1` and `01` are one key), or its node text when unhashable."""
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            key = loader.construct_object(node)
+            hash(key)
+            return key
+        except (yaml.YAMLError, TypeError):
+            pass
+    return (node.tag, repr(node.value))
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise RecipeError([f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, column {column}); "
+                           "save the file as UTF-8"]) from None
+    try:
+        data = _safe_load(text)
+    except _DuplicateKeys as exc:
+        raise RecipeError([f"{path}: {loc}: key written twice ({f'lines {a} and {b}' if a != b else f'both on line {a}'}); "
+                           "YAML would silently keep only the last, so remove one" for loc, a, b in exc.found]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise RecipeError([f"{path}: not valid YAML (line {line}): character #x{exc.character:04x} is not "
+                           "allowed in YAML"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError([f"{path}: not valid YAML{where}: {problem}"]) from None
     if data is None:
         data = {}
@@ -531,9 +643,12 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         name if name else int(index) for name, index in _SEGMENT.findall(match.group("key"))
     ]
     try:
-        value = yaml.safe_load(match.group("value")) if match.group("value") != "" else None
+        value = _safe_load(match.group("value")) if match.group("value") != "" else None
+    except _DuplicateKeys as exc:
+        keys = ", ".join(f"'{loc}'" for loc, _, _ in exc.found)
+        raise ValueError(f"the value writes {keys} twice; YAML would silently keep only the last") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"value is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        raise ValueError(f"value is not valid YAML: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
     return segments, value
 
 

@@ -108,3 +108,77 @@ def test_hub_source_offline_is_a_clear_error() -> None:
     src = DatasetSource(hub="tatsu-lab/alpaca", language="en")
     with pytest.raises(DataError, match=r"phases\[0\]\.datasets\[0\]: cannot read tatsu-lab/alpaca: .*network"):
         preview_source(src, "phases[0].datasets[0]")
+
+
+def test_csv_cells_load_as_text_as_they_are_checked(tmp_path) -> None:
+    """check_data reads CSV cells as text; loading for training must agree ('4' is an answer, not an int)."""
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,output\nTwo plus two?,4\nSay nothing.,\n", encoding="utf-8")
+    src = DatasetSource(path=str(path), language="en")
+    summary = preview_source(src, "phases[0].datasets[0]")
+    assert summary.examples == 2
+    assert summary.warnings == [f"phases[0].datasets[0]: {path}: 1 row(s) with an empty answer (line 3); "
+                                "they are kept, and teach the model to answer with nothing"]
+    data = load_phase_data(_phase({"path": str(path), "language": "en"}), 0, seed=0)
+    assert sorted(r["completion"][0]["content"] for r in data.dataset) == ["", "4"]
+
+
+def test_check_data_reads_every_row_and_hands_warnings_to_the_caller(tmp_path) -> None:
+    from cft_adapters.data import check_data
+    from cft_adapters.recipe import Recipe
+
+    rows = [{"instruction": f"q{i}", "output": "a" if i != 70 else "", "lang": "es" if i % 2 else "pt"} for i in range(101)]
+    path = _jsonl(tmp_path / "a.jsonl", rows)
+    recipe = Recipe.model_validate({"output_dir": str(tmp_path / "out"), "model": {"name_or_path": "builtin:tiny-mistral"},
+                                    "phases": [{"name": "p", "datasets": [{"path": path, "language_column": "lang"}]}]})
+    warned: list[str] = []
+    found = check_data(recipe, warn=warned.append)
+    assert found[0][0].examples == 101
+    assert found[0][0].languages == {"pt": 51, "es": 50}
+    assert warned == found[0][0].warnings and "(line 71)" in warned[0]
+
+
+def test_source_fingerprint_of_a_file_is_its_content(tmp_path) -> None:
+    import hashlib
+    import os
+
+    from cft_adapters.data import source_fingerprint
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"instruction": "q", "output": "a"}\n' * 40_000)  # > 1 MiB: several read chunks
+    src = DatasetSource(path=str(path), language="en")
+    expected = {"kind": "file", "size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert source_fingerprint(src) == expected
+
+    # Cached per (path, size, mtime_ns): same size and mtime is not read again ...
+    stat = path.stat()
+    path.write_bytes(path.read_bytes().replace(b'"q"', b'"Q"'))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source_fingerprint(src) == expected
+    # ... a new mtime is.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert source_fingerprint(src)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() != expected["sha256"]
+
+    builtin = source_fingerprint(DatasetSource(path="builtin:smoke/en_tasks.jsonl", language="en"))
+    assert builtin["kind"] == "file" and len(builtin["sha256"]) == 64
+
+
+def test_source_fingerprint_of_a_hub_dataset_offline(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    from cft_adapters.data import source_fingerprint
+
+    # conftest switches the hub off: nothing is asked, so an unknown dataset stays unresolved.
+    assert source_fingerprint(DatasetSource(hub="nobody/fp-unknown", language="en")) == {
+        "kind": "hub", "id": "nobody/fp-unknown", "revision": None, "resolved": False}
+    assert source_fingerprint(DatasetSource(hub="nobody/fp-unknown", revision="v1", language="en"))["revision"] == "v1"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert source_fingerprint(DatasetSource(hub="nobody/fp-unknown", revision=commit, language="en")) == {
+        "kind": "hub", "id": "nobody/fp-unknown", "revision": commit, "resolved": True}
+    # What the hub cache recorded at the last download is used offline.
+    refs = tmp_path / "datasets--nobody--fp-cached" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert source_fingerprint(DatasetSource(hub="nobody/fp-cached", language="en")) == {
+        "kind": "hub", "id": "nobody/fp-cached", "revision": commit, "resolved": True}

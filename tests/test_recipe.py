@@ -165,7 +165,8 @@ def test_output_dir_that_is_a_file_is_a_clear_error(tmp_path, capsys) -> None:
     (tmp_path / "taken").write_text("x")
     code, output = _run_cli(capsys, [str(SMOKE), f"output_dir={tmp_path / 'taken'}", "eval.tasks=[]"])
     assert code == 2
-    assert "output_dir: cannot create run directory" in output
+    assert f"{SMOKE}: output_dir: " in output and str(tmp_path / "taken") in output  # the key and the path
+    assert "Traceback" not in output
 
 
 def test_duplicate_phase_name(tmp_path, capsys) -> None:
@@ -292,3 +293,21 @@ def test_paper_recipe_dry_run_offline_prints_the_plan_and_names_hub_sources(caps
     assert "not checked: phases[0].datasets[0]: cannot read Open-Orca/OpenOrca" in output
     assert "hub source(s) that need the network" in output
     assert "cft_en, cft_ml" in output and "multilingual" in output
+
+
+def test_yaml_merge_key_override_and_aliases_load(tmp_path) -> None:
+    """Duplicate keys are refused, but a key after `<<:` overrides the merged one, as YAML intends;
+    an alias repeats a mapping without repeating its keys; a UTF-8 byte order mark is fine."""
+    text = "\ufeff" + BASE.format(out=tmp_path / "out").replace("[{path", "[&en {path") + """\
+  - name: again
+    datasets: [*en]
+training:
+  <<: {learning_rate: 1.0e-3, max_steps: 2}
+  max_steps: 5
+"""
+    path = tmp_path / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    recipe = load_recipe(path)
+    assert recipe.training.learning_rate == pytest.approx(1e-3)
+    assert recipe.training.max_steps == 5
+    assert recipe.phases[1].datasets[0] == recipe.phases[0].datasets[0]
