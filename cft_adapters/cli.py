@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 
 from rich.console import Console
 
@@ -53,6 +57,28 @@ def _quiet_libraries() -> None:
     logging.getLogger("lm_eval").setLevel(level if isinstance(level, int) else logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends before it kills a job), raised where the run is, like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM like Ctrl-C for the block: the phase is recorded as interrupted, the checkpoints
+    on disk stay consistent (every file is renamed into place whole), and the CLI exits 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ANN001
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     # bitsandbytes logs a warning on import when an optional CPU kernel cannot be fetched from the
     # hub; it falls back to its own kernel, and this tool never fetches code from the hub.
@@ -83,10 +109,19 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_libraries()
             dry_run(recipe, args.recipe, console, gpu_mem=args.gpu_mem)
             return 0
-        _quiet_libraries()
-        from cft_adapters.phases import PhaseRunner
+        from pathlib import Path
 
-        manifest = PhaseRunner(recipe, args.recipe, console).run()
+        from cft_adapters.distributed import is_main
+        from cft_adapters.rundir import claim
+
+        # The run directory is claimed before any model library loads: a second process on the same
+        # output_dir is told at once. Under a launcher, rank 0 owns it for all ranks.
+        lock = claim(Path(recipe.output_dir), args.recipe) if is_main() else contextlib.nullcontext()
+        with lock, terminate_as_interrupt():
+            _quiet_libraries()
+            from cft_adapters.phases import PhaseRunner
+
+            manifest = PhaseRunner(recipe, args.recipe, console).run()
         failed = [f"{r.index} {r.name}" for r in manifest.phases if r.eval_status == "failed"]
         if failed:
             err.print(f"evaluation failed for phase(s) {', '.join(failed)} (see eval_error in run.json); "
@@ -97,9 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         return _report(err, exc, prefix=f"{args.recipe}: ")
     except CftError as exc:
         return _report(err, exc)
+    except Terminated:
+        err.print("terminated (SIGTERM): re-run the same command to resume from the last checkpoint")
+        return 143
     except KeyboardInterrupt:
         err.print("interrupted: re-run the same command to resume from the last checkpoint")
         return 130
+    except OSError as exc:  # the disk or the file system, outside any phase (a phase reports its own)
+        err.print(f"{exc.filename or 'cft-train'}: {exc.strerror or exc}", markup=False, highlight=False)
+        return 1
 
 
 def _report(err: Console, exc: CftError, prefix: str = "") -> int:

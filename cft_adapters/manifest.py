@@ -6,12 +6,12 @@ The schema is the contract in ARCHITECTURE.md. Paths are relative to the run dir
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from cft_adapters.util.fs import write_atomic  # noqa: F401  (re-exported: its old home)
 
 Status = Literal["pending", "running", "done", "failed"]
 MANIFEST = "run.json"
@@ -45,7 +45,8 @@ class PhaseRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     index: int
-    name: str
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="The recipe's phase name ('base' for phase 0); "
+                      "it names the phase folder, so it never holds a path separator.")
     status: Status = "pending"
     checkpoint: str | None = None
     config_digest: str | None = Field(None, description="Digest of everything that determines this phase's adapter.")
@@ -62,11 +63,19 @@ class PhaseRecord(BaseModel):
     eval_seconds: float | None = None
     eval_tasks: list[str] = Field(default_factory=list, description="The eval.tasks that were scored.")
     eval_files: list[str] = Field(default_factory=list, description="lm-eval results files written for this phase.")
+    eval_settings: dict[str, Any] | None = Field(
+        None, description="The evaluation settings the scores in `eval` were produced with (limit, few-shot, "
+        "chat template, batch size, base precision); scores from other settings are never merged into them."
+    )
     error: str | None = None
 
     @property
     def dirname(self) -> str:
         return f"phase_{self.index}_{self.name}"
+
+
+class ManifestError(ValueError):
+    """run.json cannot be read back as a run manifest."""
 
 
 class RunManifest(BaseModel):
@@ -85,7 +94,17 @@ class RunManifest(BaseModel):
 
     @classmethod
     def read(cls, run_dir: Path) -> RunManifest:
-        return cls.model_validate_json((run_dir / MANIFEST).read_text(encoding="utf-8"))
+        """Read and validate run.json; a damaged file is a ManifestError naming the first bad field."""
+        from pydantic import ValidationError
+
+        path = run_dir / MANIFEST
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+            what = f"{loc}: {err['msg']}" if loc else err["msg"]
+            raise ManifestError(f"{path}: {what}") from None
 
     def write(self, run_dir: Path) -> None:
         """Rank 0 alone writes run.json in a data-parallel run (see distributed.py)."""
@@ -93,21 +112,6 @@ class RunManifest(BaseModel):
 
         if is_main():
             write_atomic(run_dir / MANIFEST, self.model_dump_json(indent=2) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def package_versions() -> dict[str, str]:

@@ -166,10 +166,26 @@ def new_adapter(base: Any, adapter: AdapterConfig, layers_to_transform: list[int
 
 
 def load_adapter_for_training(base: Any, adapter_dir: Path) -> Any:
-    """Continue an adapter saved by an earlier phase, on an already loaded base."""
-    from peft import PeftModel
+    """Continue an adapter saved by an earlier phase, on an already loaded base.
 
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    PEFT upcasts a bf16 adapter to fp32 on load. The weights are kept at the dtype they were saved
+    in instead, which is the dtype they trained at: the model is then the same whether the earlier
+    phase ran in this process or in another one (generation and scoring included)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as fh:
+        saved = {name: fh.get_slice(name).get_dtype() for name in fh.keys()}
+    dtypes = {name: _SAFETENSORS_DTYPES.get(code) for name, code in saved.items()}
+    for name, param in model.named_parameters():
+        dtype = dtypes.get(name.replace(".default.", "."))  # PEFT saves names without the adapter name
+        if dtype is not None and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def load_adapter_weights(peft_model: Any, adapter_dir: Path) -> None:

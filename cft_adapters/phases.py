@@ -26,20 +26,14 @@ from rich.table import Table
 from transformers import TrainerCallback
 
 from cft_adapters import distributed, modeling, report
-from cft_adapters.callbacks import NonFiniteGuard, NonFiniteLossError, RichProgressCallback
+from cft_adapters.callbacks import KeepAdapterDtype, NonFiniteGuard, NonFiniteLossError, RichProgressCallback
 from cft_adapters.data import PhaseData, check_data, load_phase_data, truncate_tokenized
 from cft_adapters.errors import CftError, RunError
 from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
 from cft_adapters.hf_configs import sft_config
-from cft_adapters.manifest import (
-    RESOLVED_RECIPE,
-    PhaseRecord,
-    RunManifest,
-    TrainStats,
-    dumps_canonical,
-    package_versions,
-    write_atomic,
-)
+from cft_adapters.manifest import RESOLVED_RECIPE, PhaseRecord, RunManifest, TrainStats, dumps_canonical, package_versions
+from cft_adapters.rundir import RunDirectory, last_good_checkpoint, read_manifest, verify_adapter
+from cft_adapters.util.fs import write_atomic
 from cft_adapters.placement import (
     Placement,
     apply_placement,
@@ -52,16 +46,15 @@ from cft_adapters.placement import (
     select_layers_spectrum,
     spectrum_scan,
 )
-from cft_adapters.recipe import PlacementConfig, Recipe, ReplayConfig, TrainingConfig, dump_recipe, format_loc
-from cft_adapters.replay import REPLAY_FILE, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
+from cft_adapters.recipe import EvalConfig, PlacementConfig, Recipe, ReplayConfig, TrainingConfig, dump_recipe, format_loc
+from cft_adapters.replay import REPLAY_FILE, REPLAY_META, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
 from cft_adapters.tiny import cache_dir
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TRAIN_STATS = "train.json"
 
 
 def phase_config_digest(recipe: Recipe, k: int) -> str:
-    """Everything that determines phase k's adapter: the model, the adapter, and phases 1..k."""
+    """Everything that determines phase k's adapter: the model, the adapter, and phases 1..k, with
+    the content of every data source they read (a file edited in place is another phase)."""
     payload = {
         "model": recipe.model.model_dump(mode="json"),
         "adapter": recipe.adapter.model_dump(mode="json"),
@@ -69,6 +62,7 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
             {
                 **recipe.run_phases()[i].model_dump(mode="json", exclude={"training"}),
                 "training": recipe.phase_training(i).model_dump(mode="json"),
+                "content": [_content(src) for src in _sources(recipe.run_phases()[i])],
             }
             for i in range(k)
         ],
@@ -76,52 +70,25 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
     return hashlib.sha256(dumps_canonical(payload).encode()).hexdigest()[:16]
 
 
-def _adapter_complete(adapter_dir: Path) -> bool:
-    return all((adapter_dir / name).is_file() for name in ADAPTER_FILES)
+def _sources(phase: Any) -> list[Any]:
+    replay = phase.replay
+    extra = [s for s in (getattr(replay, "prompts", None), getattr(replay, "source", None)) if s is not None] if replay else []
+    return [*phase.datasets, *extra]
 
 
-def last_complete_checkpoint(trainer_dir: Path) -> str | None:
-    """The newest trainer checkpoint whose trainer_state.json (written last) parses; a checkpoint
-    cut short by a kill is passed over."""
-    if not trainer_dir.is_dir():
-        return None
-    steps = []
-    for path in trainer_dir.glob("checkpoint-*"):
-        if path.name.removeprefix("checkpoint-").isdigit():
-            steps.append((int(path.name.removeprefix("checkpoint-")), path))
-    for _, path in sorted(steps, reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        return str(path)
-    return None
+def _content(src: Any) -> dict[str, Any] | None:
+    """A source's content: size and sha256 of a file, the commit a hub source resolved to. An
+    unresolved hub source adds nothing (its id and revision are in the recipe part already)."""
+    from cft_adapters.data import source_fingerprint
+
+    fingerprint = source_fingerprint(src)
+    return None if fingerprint.get("kind") == "hub" and not fingerprint.get("resolved") else fingerprint
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _saved_stats(phase_dir: Path) -> TrainStats | None:
-    try:
-        return TrainStats.model_validate_json((phase_dir / TRAIN_STATS).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_manifest(run_dir: Path) -> RunManifest | None:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        return RunManifest.read(run_dir)
-    except ValueError as exc:
-        first = str(exc).splitlines()[0]
-        raise CftError(f"{path}: not a valid run manifest ({first}); it was not modified. Use another output_dir.") from None
+def eval_settings(eval_cfg: EvalConfig, precision: str) -> dict[str, Any]:
+    """What makes two scorings of a checkpoint comparable (the task list aside: tasks add up)."""
+    return {"limit": eval_cfg.limit, "num_fewshot": eval_cfg.num_fewshot, "batch_size": eval_cfg.batch_size,
+            "apply_chat_template": eval_cfg.apply_chat_template, "base_precision": precision}
 
 
 def _peak_memory_mb() -> tuple[float, str]:
@@ -158,6 +125,7 @@ class PhaseRunner:
         self.main = distributed.is_main()
         self.console = (console or Console()) if self.main else Console(quiet=True)
         self.run_dir = Path(recipe.output_dir)
+        self.rundir = RunDirectory(self.run_dir, self.console)
         self.phases = recipe.run_phases()  # the recipe's phases, or the single mixed-baseline phase
         self.model = _Model()
         self._eval_scorer: CheckpointScorer | None = None
@@ -172,11 +140,11 @@ class PhaseRunner:
         check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
         check_placements(self.recipe, self.recipe_path)
         check_liger(self.recipe, self.recipe_path)
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CftError(f"{self.recipe_path}: output_dir: cannot create run directory '{self.run_dir}': {exc.strerror}") from None
+        self.rundir.lock(self.recipe_path)  # held to the end of run(): one process owns a run directory
         old = read_manifest(self.run_dir)
+        precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
+        if old is not None and self.recipe.eval.tasks:
+            self._refuse_other_eval_settings(old, eval_settings(self.recipe.eval, precision))
         records = []
         for k in range(len(self.phases) + 1):
             name = "base" if k == 0 else self.phases[k - 1].name
@@ -185,13 +153,17 @@ class PhaseRunner:
             if prior is not None and prior.status == "done" and k > 0:
                 if prior.name != name or prior.config_digest != digest:
                     raise RunError(self._mismatch_message(prior))
+                verify_adapter(self.run_dir, prior)  # a finished adapter is checked before anything uses it
                 records.append(prior)
             elif prior is not None and k == 0:
                 records.append(prior)
-            elif prior is not None and prior.config_digest != digest and last_complete_checkpoint(self._trainer_dir(prior)):
-                # Checkpoints of an unfinished phase whose settings changed belong to another config.
-                shutil.rmtree(self._trainer_dir(prior))
-                self.console.print(f"phase {k} '{name}': settings changed; its trainer checkpoints were discarded")
+            elif prior is not None and (prior.config_digest != digest or prior.name != name):
+                # What an unfinished phase derived from other settings (checkpoints, replay pool,
+                # placement, an unrecorded adapter) is moved aside together, never reused or deleted.
+                aside = self.rundir.move_derived_aside(prior, "stale")
+                if aside is not None:
+                    self.console.print(f"phase {k} '{prior.name}': settings changed; what its unfinished attempt "
+                                       f"left was moved to {aside}")
                 records.append(PhaseRecord(index=k, name=name, config_digest=digest))
             else:
                 records.append(PhaseRecord(index=k, name=name, config_digest=digest, status="done" if k == 0 else "pending"))
@@ -204,7 +176,7 @@ class PhaseRunner:
             base_model=self.recipe.model.name_or_path,
             base_model_path=old.base_model_path if old else None,
             seed=self.recipe.training.seed,
-            eval_base_precision=self.recipe.eval.base_precision or training_precision(self.recipe.model),
+            eval_base_precision=precision if self.recipe.eval.tasks or old is None else old.eval_base_precision,
             versions=package_versions(),
             phases=records,
         )
@@ -212,15 +184,32 @@ class PhaseRunner:
         manifest.write(self.run_dir)
         return manifest
 
-    def _trainer_dir(self, record: PhaseRecord) -> Path:
-        return self.run_dir / record.dirname / "trainer"
+    def _refuse_other_eval_settings(self, old: RunManifest, wanted: dict[str, Any]) -> None:
+        """Scores are only ever compared when produced the same way: a run scored under other eval
+        settings is not silently mixed with (or relabelled as) the new ones."""
+        scored = [r for r in old.phases if r.eval_status == "done" and r.eval_settings is not None]
+        differ = [r for r in scored if r.eval_settings != wanted]
+        if not differ:
+            return
+        recorded = differ[0].eval_settings or {}
+        changed = [f"eval.{key}: {recorded.get(key)!r} -> {wanted[key]!r}" for key in wanted if recorded.get(key) != wanted[key]]
+        phases = ", ".join(f"{r.index} '{r.name}'" for r in differ)
+        raise RunError(
+            f"{self.run_dir}: phase(s) {phases} were scored with other evaluation settings ({'; '.join(changed)}). "
+            f"A run's report compares phases scored one way: keep the run's eval settings here, and score "
+            f"others with cft-eval {self.run_dir} (it writes a separate, labelled result set)."
+        )
 
     def _mismatch_message(self, prior: PhaseRecord) -> str:
         changed: list[str] = []
         resolved = self.run_dir / RESOLVED_RECIPE
         if resolved.is_file():
-            changed = _changed_keys(yaml.safe_load(resolved.read_text()), self.recipe.model_dump(mode="json"))
-        detail = f" (changed keys: {', '.join(changed[:8])})" if changed else ""
+            try:
+                changed = _changed_keys(yaml.safe_load(resolved.read_text(encoding="utf-8")), self.recipe.model_dump(mode="json"))
+            except (OSError, ValueError, yaml.YAMLError):  # a damaged copy only loses the detail
+                changed = []
+        detail = (f" (changed keys: {', '.join(changed[:8])})" if changed
+                  else " (same settings, but the content of a data file it reads has changed)")
         return (
             f"{self.run_dir}: phase {prior.index} '{prior.name}' is finished there with a different recipe"
             f"{detail}. A finished phase is never retrained in place: use a new output_dir "
@@ -252,6 +241,7 @@ class PhaseRunner:
             layers = placement.trainable if placement is not None and not placement.modules else None
             self.model.peft = modeling.new_adapter(self.model.base, self.recipe.adapter, layers)
             return None
+        verify_adapter(self.run_dir, self.manifest.phases[k - 1])  # type: ignore[union-attr]
         if self.model.peft is None:
             self.model.peft = modeling.load_adapter_for_training(self.model.base, prev_dir)
         else:
@@ -318,6 +308,13 @@ class PhaseRunner:
     # -- the run --------------------------------------------------------------------------------
 
     def run(self) -> RunManifest:
+        """Every phase, then the report; the run directory is locked (rank 0) from set-up to the end."""
+        try:
+            return self._run()
+        finally:
+            self.rundir.unlock()
+
+    def _run(self) -> RunManifest:
         distributed.init()
         self.manifest = distributed.main_first(self._setup_run_dir, "set-up", others=lambda: RunManifest.read(self.run_dir))
         if distributed.world_size() > 1:
@@ -370,15 +367,18 @@ class PhaseRunner:
             return
         record = self.manifest.phases[k]
         if not self.recipe.eval.tasks:
-            record.eval_status = "skipped"
-            self.manifest.write(self.run_dir)
+            if record.eval_status != "done":  # earlier scores stay what they are
+                record.eval_status = "skipped"
+                self.manifest.write(self.run_dir)
             return
         if record.eval_status == "done" and set(self.recipe.eval.tasks) <= set(record.eval_tasks):
             return
-        adapter_dir = self.run_dir / record.checkpoint if record.checkpoint else None
+        adapter_dir = verify_adapter(self.run_dir, record) if k > 0 else None
         self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(self.recipe.eval.tasks)}")
         scorer = self._scorer(adapter_dir)
-        record_evaluation(self.manifest, record, scorer, adapter_dir, self.run_dir, self.console)
+        precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
+        record_evaluation(self.manifest, record, scorer, adapter_dir, self.run_dir, self.console,
+                          eval_settings(self.recipe.eval, precision))
 
     def _scorer(self, adapter_dir: Path | None) -> CheckpointScorer:
         """Score on the training base in memory, or on a second base when eval.base_precision differs."""
@@ -401,26 +401,15 @@ class PhaseRunner:
         assert self.manifest is not None
         record = self.manifest.phases[k]
         phase_dir = self.run_dir / record.dirname
-        adapter_dir = phase_dir / "adapter"
 
         def recover() -> bool:
             """Tidy what a killed attempt left; True when its adapter was saved and only needs recording."""
-            for leftover in phase_dir.glob(".adapter.tmp-*"):  # a save cut short by a kill
-                shutil.rmtree(leftover, ignore_errors=True)
-            if not adapter_dir.exists():
+            stats = self.rundir.recover_phase(record)
+            if stats is None:
                 return False
-            stats = _saved_stats(phase_dir)
-            if _adapter_complete(adapter_dir) and stats is not None and stats.config_digest == record.config_digest:
-                # The previous attempt saved the adapter but stopped before recording it.
-                shutil.rmtree(self._trainer_dir(record), ignore_errors=True)
-                self._mark_done(record, stats, phase_dir)
-                self.console.print(f"phase {k} '{record.name}': adapter was already saved; recorded as done")
-                return True
-            # An unrecorded adapter from other settings: keep it aside, never delete it.
-            aside = phase_dir / f"adapter.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(adapter_dir, aside)
-            self.console.print(f"phase {k} '{record.name}': an unrecorded adapter from other settings was moved to {aside}")
-            return False
+            self.rundir.record_phase_done(self.manifest, record, stats)
+            self.console.print(f"phase {k} '{record.name}': adapter was already saved; recorded as done")
+            return True
 
         if distributed.main_first(recover, f"phase {k} set-up"):
             return
@@ -429,7 +418,7 @@ class PhaseRunner:
         try:
             self._train_phase(k, record, phase_dir, progress)
         except NonFiniteLossError as exc:
-            last = last_complete_checkpoint(phase_dir / "trainer")
+            last = last_good_checkpoint(self.rundir.trainer_dir(record))
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
             self._fail(record, str(exc))
             raise RunError(
@@ -437,8 +426,14 @@ class PhaseRunner:
                 f"it. To retrain the phase instead, change its training (e.g. a lower learning_rate) and re-run: "
                 f"a changed phase starts over from phase {k - 1}'s adapter, and finished phases are kept."
             ) from None
+        except OSError as exc:  # disk full, a folder made read-only mid-run: say where, keep the record true
+            self._fail(record, f"{type(exc).__name__}: {exc}")
+            where = exc.filename or phase_dir
+            raise RunError(f"phase {k} '{record.name}': {where}: {exc.strerror or exc}; the phase stopped and its last "
+                           f"good checkpoint is kept. Fix the cause and re-run the same command to resume.") from None
         except BaseException as exc:
-            self._fail(record, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
+            stopped = "terminated (SIGTERM)" if type(exc).__name__ == "Terminated" else "interrupted"
+            self._fail(record, stopped if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
             raise
 
     def _fail(self, record: PhaseRecord, message: str) -> None:
@@ -474,10 +469,9 @@ class PhaseRunner:
         pool = distributed.main_first(  # rank 0 builds (generates) the pool; the others read its replay.jsonl
             lambda: self._replay_pool(k, phase_dir, len(data.dataset), init_adapter), f"phase {k} replay pool"
         ) if phase.replay else None
-        init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
 
-        trainer_dir = self._trainer_dir(record)
-        resume = last_complete_checkpoint(trainer_dir)
+        trainer_dir = self.rundir.trainer_dir(record)
+        resume = last_good_checkpoint(trainer_dir, self.console)
         tokens_before = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
         trainer = SFTTrainer(
             model=peft_model,
@@ -487,6 +481,12 @@ class PhaseRunner:
             callbacks=[NonFiniteGuard(peft_model), RichProgressCallback(progress, f"phase {k} {phase.name}")],
         )
         trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(KeepAdapterDtype(peft_model))  # after TRL's cast: the dtypes it trains at
+        # The adapter the phase starts from, as the trainer will train it (TRL may have cast it).
+        init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
+        if k > 1 and init_digest != self.manifest.phases[k - 1].train.final_digest:  # type: ignore[union-attr]
+            raise RunError(f"phase {k} '{phase.name}': the adapter loaded from {init_adapter} differs from the one "
+                           f"phase {k - 1} saved (digest {init_digest[:16]})")
         if training.padding_free:
             trainer.train_dataset = truncate_tokenized(trainer.train_dataset, training.max_length)
         collator = self._attach_replay(trainer, pool, phase.replay, training) if pool is not None else None
@@ -542,22 +542,23 @@ class PhaseRunner:
                                f"({', '.join(digests)}); nothing was saved")
 
         def save() -> None:
-            write_atomic(phase_dir / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
-            self._save_adapter_atomically(peft_model, phase_dir, stats)
-            shutil.rmtree(trainer_dir, ignore_errors=True)  # optimizer state is only needed to resume
+            self.rundir.save_adapter(peft_model, record, stats, trainer.state.log_history)
 
         distributed.main_first(save, f"phase {k} save", others=lambda: None)  # the next phase reads this adapter
-        self._mark_done(record, stats, phase_dir)
+        self.rundir.record_phase_done(self.manifest, record, stats)  # type: ignore[arg-type]
 
     def _replay_pool(self, k: int, phase_dir: Path, phase_examples: int, init_adapter: str | None) -> ReplayPool:
         """Built once per phase before training (the model in memory holds phase k-1's adapter)."""
         cfg = self.phases[k - 1].replay
         assert cfg is not None
+        records = self.manifest.phases  # type: ignore[union-attr]
+        key = {"phase_config_digest": records[k].config_digest,
+               "answering_adapter": records[k - 1].train.final_digest if k > 1 else "fresh"}  # type: ignore[union-attr]
         return build_pool(
             cfg, where=f"phases[{k - 1}].replay", phase_dir=phase_dir, phase_examples=phase_examples,
             seed=self.recipe.phase_training(k - 1).seed, model=self.model.peft, tokenizer=self.model.tokenizer,
             source_model=init_adapter or "base (fresh adapter)",
-            earlier_sources=[src for p in self.phases[: k - 1] for src in p.datasets], console=self.console,
+            earlier_sources=[src for p in self.phases[: k - 1] for src in p.datasets], console=self.console, key=key,
         )
 
     @staticmethod
@@ -575,25 +576,6 @@ class PhaseRunner:
         trainer.data_collator = collator
         trainer.add_callback(ReplayPositionCallback(collator))
         return collator
-
-    def _save_adapter_atomically(self, peft_model: Any, phase_dir: Path, stats: TrainStats) -> None:
-        """Write the adapter to a temporary folder, then rename it into place in one step."""
-        tmp = phase_dir / f".adapter.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        if modeling.adapter_file_digest(tmp) != stats.final_digest:
-            raise RunError(f"{tmp}: the saved adapter does not match the trained weights")
-        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes them visible
-            _fsync(path)
-        write_atomic(phase_dir / TRAIN_STATS, stats.model_dump_json(indent=2) + "\n")
-        os.rename(tmp, phase_dir / "adapter")
-        _fsync(phase_dir)
-
-    def _mark_done(self, record: PhaseRecord, stats: TrainStats, phase_dir: Path) -> None:
-        record.train = stats
-        record.checkpoint = str((phase_dir / "adapter").relative_to(self.run_dir))
-        record.status, record.error = "done", None
-        self.manifest.write(self.run_dir)  # type: ignore[union-attr]
 
 
 class TokenBudgetCallback(TrainerCallback):
@@ -651,10 +633,11 @@ def check_placements(recipe: Recipe, source: str) -> None:
 
 def record_evaluation(
     manifest: RunManifest, record: PhaseRecord, scorer: CheckpointScorer, adapter_dir: Path | None,
-    run_dir: Path, console: Console,
+    run_dir: Path, console: Console, settings: dict[str, Any] | None = None,
 ) -> None:
     """Score one checkpoint into phase_k_<name>/eval/ and run.json. A failing task marks the
-    phase's evaluation failed (the adapter is untouched; `cft-eval` can retry)."""
+    phase's evaluation failed (the adapter is untouched; `cft-eval` can retry). Scores made under
+    other `settings` than the recorded ones replace them rather than merge into them."""
     try:
         outcome = scorer.score(adapter_dir, run_dir / record.dirname / "eval")
     except Exception as exc:  # lm-eval and the datasets it loads raise anything; keep the run going
@@ -663,6 +646,9 @@ def record_evaluation(
         console.print(f"[red]phase {record.index} '{record.name}': evaluation failed[/]: {record.eval_error}"
                       f"\n  the checkpoint is kept; retry with: cft-eval {run_dir}")
         return
+    if settings is not None and record.eval_settings not in (None, settings):
+        record.eval, record.eval_groups, record.eval_tasks = {}, {}, []
+    record.eval_settings = settings if settings is not None else record.eval_settings
     record.eval = {**record.eval, **outcome.metrics}
     record.eval_groups = {**record.eval_groups, **outcome.groups}
     record.eval_seconds = outcome.seconds

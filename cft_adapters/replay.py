@@ -29,10 +29,11 @@ from transformers import TrainerCallback
 
 from cft_adapters.data import load_prompts, load_source
 from cft_adapters.errors import CftError
-from cft_adapters.manifest import write_atomic
+from cft_adapters.util.fs import move_aside, write_atomic
 from cft_adapters.recipe import DatasetSource, ReplayConfig
 
 REPLAY_FILE = "replay.jsonl"
+REPLAY_META = "replay_meta.json"
 
 
 def is_replay_slot(position: int, ratio: float) -> bool:
@@ -82,16 +83,27 @@ class ReplayCollator:
         self.replay_tokens = 0
 
     def seek(self, position: int) -> None:
-        """Resume: continue the schedule where the checkpoint left off (a local slot index)."""
-        self.position = position
+        """Resume at local slot `position`, with the counters an uninterrupted run has there. The
+        schedule is a pure function of the slot, so the counters are recomputed, not stored: a
+        resumed phase reports every replayed example of every attempt."""
+        self.position = self.seen = position
+        self.replayed = self.replay_tokens = 0
+        for p in range(position):
+            slot = p * self.world_size + self.rank
+            if is_replay_slot(slot, self.ratio):
+                self.replayed += 1
+                self.replay_tokens += len(self._replay_for(slot)["input_ids"])
+
+    def _replay_for(self, slot: int) -> dict[str, Any]:
+        # the k-th replay slot of the global stream takes the k-th example of the shuffled pool
+        return self.features[self.order[math.floor(slot * self.ratio) % len(self.order)]]
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         batch = []
         for feature in features:
             slot = self.position * self.world_size + self.rank
             if is_replay_slot(slot, self.ratio):
-                # the k-th replay slot of the global stream takes the k-th example of the shuffled pool
-                replay = self.features[self.order[math.floor(slot * self.ratio) % len(self.order)]]
+                replay = self._replay_for(slot)
                 feature = {key: replay[key] for key in feature if key in replay}
                 self.replayed += 1
                 self.replay_tokens += len(feature["input_ids"])
@@ -105,14 +117,33 @@ class ReplayCollator:
         return self.replayed / self.seen if self.seen else 0.0
 
 
+def examples_before_step(step: int, *, examples_per_epoch: int, batches_per_epoch: int, batch_size: int,
+                         accumulation: int) -> int:
+    """How many examples this process's stream held before optimizer step `step`, counted the way the
+    Trainer skips on resume: whole epochs first (the last batch of an epoch may be short), then
+    `accumulation` full batches per step of the current epoch."""
+    steps_per_epoch = batches_per_epoch // accumulation + int(batches_per_epoch % accumulation > 0)
+    epochs, within = divmod(step, max(1, steps_per_epoch))
+    return epochs * examples_per_epoch + within * accumulation * batch_size
+
+
 class ReplayPositionCallback(TrainerCallback):
     """On a resumed phase the trainer skips batches without collating them; keep the schedule."""
 
     def __init__(self, collator: ReplayCollator):
         self.collator = collator
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.collator.seek(state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps)
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # noqa: ANN001
+        if state.global_step == 0:
+            return
+        batches = len(train_dataloader)
+        # One process: the last batch of an epoch holds the remainder. Several (accelerate's even
+        # batches): every batch is full, the last ones completed from the start of the epoch.
+        per_epoch = len(train_dataloader.dataset) if args.world_size == 1 else batches * args.per_device_train_batch_size
+        self.collator.seek(examples_before_step(
+            state.global_step, examples_per_epoch=per_epoch, batches_per_epoch=batches,
+            batch_size=args.per_device_train_batch_size, accumulation=args.gradient_accumulation_steps,
+        ))
 
 
 @torch.no_grad()
@@ -154,21 +185,37 @@ def generate_answers(
 
 def build_pool(
     cfg: ReplayConfig, *, where: str, phase_dir: Path, phase_examples: int, seed: int, model: Any, tokenizer: Any,
-    source_model: str, earlier_sources: list[DatasetSource], console: Any,
+    source_model: str, earlier_sources: list[DatasetSource], console: Any, key: dict[str, Any],
 ) -> ReplayPool:
-    """The phase's replay pool: read back from replay.jsonl when it exists (resume), else built."""
-    path = phase_dir / REPLAY_FILE
+    """The phase's replay pool: read back from replay.jsonl when it was built under the same `key`
+    (the phase's settings and the digest of the adapter that answers), else built anew. A pool from
+    other settings is moved aside, never reused and never deleted."""
+    path, meta_path = phase_dir / REPLAY_FILE, phase_dir / REPLAY_META
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        meta = json.loads((phase_dir / "replay_meta.json").read_text()) if (phase_dir / "replay_meta.json").is_file() else {}
-        return ReplayPool(cfg.kind, rows, meta.get("generation"), reused=True)
+        meta = _read_meta(meta_path)
+        if meta.get("key") == key:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return ReplayPool(cfg.kind, rows, meta.get("generation"), reused=True)
+        for stale in (path, meta_path):
+            if stale.exists():
+                move_aside(stale, "stale")
+        console.print(f"{where}: the replay pool in {phase_dir} was built under other settings; moved aside "
+                      f"({REPLAY_FILE}.stale-*), building a new one")
     if cfg.kind == "generative":
         pool = _generative_pool(cfg, where, phase_examples, seed, model, tokenizer, source_model, console)
     else:
         pool = _real_pool(cfg, where, phase_examples, seed, earlier_sources)
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool.rows))
-    write_atomic(phase_dir / "replay_meta.json", json.dumps({"kind": pool.kind, "generation": pool.generation}, indent=2) + "\n")
+    write_atomic(meta_path, json.dumps({"kind": pool.kind, "key": key, "generation": pool.generation}, indent=2) + "\n")
     return pool
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _generative_pool(
@@ -178,6 +225,10 @@ def _generative_pool(
     prompts = load_prompts(cfg.prompts, f"{where}.prompts", seed)
     prompts = prompts[: pool_size(cfg, phase_examples, len(prompts))]
     console.print(f"{where}: generating {len(prompts)} replay answers with {source_model}")
+    if cfg.do_sample:  # the same pool whether or not the process trained the earlier phases first
+        from transformers import set_seed
+
+        set_seed(seed)
     answers, stats = generate_answers(
         model, tokenizer, [p["prompt"] for p in prompts], batch_size=cfg.generation_batch_size,
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample,

@@ -1,0 +1,260 @@
+"""The run directory: its lock, its manifest, and the phase folders' life cycle.
+
+One `cft-train` owns a run directory at a time (`RunLock`). A phase folder only ever moves forward:
+trainer checkpoints while it trains, then an adapter renamed into place in one step, then the
+manifest record. Whatever a killed attempt leaves is either finished (and recorded on the next
+start) or moved aside; nothing of a finished phase is rewritten, and nothing is deleted except the
+trainer checkpoints of a phase whose adapter is safely saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from cft_adapters.errors import CftError, RunError
+from cft_adapters.manifest import MANIFEST, ManifestError, PhaseRecord, RunManifest, TrainStats
+from cft_adapters.util.fs import RunLock, fsync_path, make_temp_dir, publish_dir, write_atomic
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TRAIN_STATS = "train.json"
+TRAIN_LOG = "train_log.json"
+# Everything a phase folder can hold that was derived from the phase's settings (moved aside together
+# when an unfinished phase's settings change).
+DERIVED = ("trainer", "adapter", TRAIN_STATS, TRAIN_LOG, "replay.jsonl", "replay_meta.json", "placement.json", "eval")
+
+
+def read_manifest(run_dir: Path) -> RunManifest | None:
+    """run.json, or None for a new run directory. A damaged file is an error that names the field
+    and says how to recover; it is never modified."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return RunManifest.read(run_dir)
+    except ManifestError as exc:
+        raise RunError(
+            f"{exc} (run.json is damaged and was not modified). Move it aside and re-run: finished phases are "
+            f"recovered from their adapter/ and train.json, then scored again."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: cannot read the run manifest: {exc}") from None
+
+
+def _adapter_digest(adapter_dir: Path) -> str:
+    from cft_adapters.modeling import adapter_file_digest
+
+    return adapter_file_digest(adapter_dir)
+
+
+def verify_adapter(run_dir: Path, record: PhaseRecord) -> Path:
+    """The adapter folder of a finished phase, checked against the digest recorded when it was saved.
+    A missing, truncated or altered adapter is an error: nothing trains from it or scores it."""
+    where = f"{run_dir}: phase {record.index} '{record.name}'"
+    if record.checkpoint is None or record.train is None:
+        raise RunError(f"{where} is recorded as done but has no checkpoint in run.json")
+    adapter_dir = inside(run_dir, run_dir / record.checkpoint, f"phases[{record.index}].checkpoint")
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise RunError(f"{where}: its adapter file {adapter_dir / missing[0]} is missing; restore it, or start over "
+                       f"in a new output_dir (a finished phase is never retrained in place)")
+    try:
+        digest = _adapter_digest(adapter_dir)
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise RunError(f"{where}: its adapter {adapter_dir / ADAPTER_FILES[1]} cannot be read ({exc}); restore it, "
+                       f"or start over in a new output_dir") from None
+    if digest != record.train.final_digest:
+        raise RunError(f"{where}: its adapter {adapter_dir / ADAPTER_FILES[1]} was changed after it was saved "
+                       f"(digest {digest[:16]}, recorded {record.train.final_digest[:16]}); restore it, or start "
+                       f"over in a new output_dir")
+    return adapter_dir
+
+
+def inside(run_dir: Path, path: Path, key: str) -> Path:
+    """`path`, after checking it stays inside the run directory (run.json is data, not a trusted path)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(run_dir.resolve()):
+        raise CftError(f"{run_dir / MANIFEST}: {key}: '{path}' points outside the run directory")
+    return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a trainer checkpoint cannot be resumed from, or None when it can: its trainer state parses,
+    its adapter loads and is finite, and its optimizer, scheduler and RNG states load."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or unreadable (a save cut short)"
+    try:
+        adapter = load_file(str(path / "adapter_model.safetensors"))
+    except Exception as exc:  # safetensors' own error types
+        return f"adapter_model.safetensors cannot be read ({str(exc)[:80]})"
+    if not all(torch.isfinite(t).all() for t in adapter.values()):
+        return "the adapter holds nan/inf"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        try:
+            if name == "rng_state.pth":  # holds numpy state: not loadable with weights_only, so check the archive
+                with zipfile.ZipFile(path / name) as archive:
+                    if archive.testzip() is not None:
+                        raise ValueError("bad CRC")
+            else:
+                torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises pickle, runtime and zip errors
+            return f"{name} cannot be loaded ({type(exc).__name__})"
+    return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    step = path.name.removeprefix("checkpoint-")
+    return int(step) if path.name.startswith("checkpoint-") and step.isdigit() else None
+
+
+def last_good_checkpoint(trainer_dir: Path, console: Any = None) -> str | None:
+    """The newest trainer checkpoint that can be resumed from; damaged newer ones are passed over
+    (and named), never resumed from."""
+    if not trainer_dir.is_dir():
+        return None
+    steps = sorted(((checkpoint_step(p), p) for p in trainer_dir.iterdir() if checkpoint_step(p) is not None), reverse=True)
+    for _, path in steps:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        if console is not None:
+            console.print(f"[yellow]{path}: not resumable, {problem}; trying an earlier checkpoint[/]")
+    return None
+
+
+def saved_stats(phase_dir: Path) -> TrainStats | None:
+    try:
+        return TrainStats.model_validate_json((phase_dir / TRAIN_STATS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def claim(run_dir: Path, source: str) -> RunLock:
+    """Create (or check) the run directory and take its lock: one process owns a run directory.
+    Cheap on purpose (no model library is imported), so a second process is told at once."""
+    where = f"{source}: output_dir"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CftError(f"{where}: '{run_dir}' exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CftError(f"{where}: cannot create run directory '{run_dir}': {exc.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise CftError(f"{where}: the run directory '{run_dir}' is not writable by this user")
+    lock = RunLock(run_dir)
+    lock.acquire()
+    return lock
+
+
+class RunDirectory:
+    """The files of one run: manifest, lock, phase folders, atomic adapter saves."""
+
+    def __init__(self, path: Path, console: Any):
+        self.path = path
+        self.console = console
+        self._lock: RunLock | None = None
+
+    # -- ownership ------------------------------------------------------------------------------
+
+    def lock(self, source: str) -> None:
+        """Take the lock unless this process holds it already (the CLI takes it before loading models)."""
+        if self._lock is None and not RunLock.held_here(self.path):
+            self._lock = claim(self.path, source)
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- phase folders --------------------------------------------------------------------------
+
+    def phase_dir(self, record: PhaseRecord) -> Path:
+        return self.path / record.dirname
+
+    def trainer_dir(self, record: PhaseRecord) -> Path:
+        return self.phase_dir(record) / "trainer"
+
+    def move_derived_aside(self, record: PhaseRecord, reason: str) -> Path | None:
+        """Move everything an unfinished phase derived from its old settings into one folder beside
+        them (`stale-<time>/`); nothing is deleted. Returns that folder, or None when there was nothing."""
+        phase_dir = self.phase_dir(record)
+        present = [phase_dir / name for name in DERIVED if (phase_dir / name).exists()]
+        if not present:
+            return None
+        aside, n = phase_dir / f"{reason}-{_stamp()}", 1
+        while aside.exists():
+            n += 1
+            aside = phase_dir / f"{reason}-{_stamp()}-{n}"
+        aside.mkdir(parents=True)
+        for path in present:
+            path.rename(aside / path.name)
+        fsync_path(phase_dir)
+        return aside
+
+    def recover_phase(self, record: PhaseRecord) -> TrainStats | None:
+        """Tidy what a killed attempt left in an unfinished phase. Returns the saved stats when the
+        attempt had already saved the phase's adapter (it only needs recording)."""
+        phase_dir = self.phase_dir(record)
+        for leftover in phase_dir.glob(".adapter.tmp-*"):  # a save cut short by a kill
+            shutil.rmtree(leftover, ignore_errors=True)
+        adapter_dir = phase_dir / "adapter"
+        if not adapter_dir.exists():
+            return None
+        stats = saved_stats(phase_dir)
+        if (stats is not None and stats.config_digest == record.config_digest
+                and all((adapter_dir / n).is_file() for n in ADAPTER_FILES) and _digest_or_none(adapter_dir) == stats.final_digest):
+            shutil.rmtree(self.trainer_dir(record), ignore_errors=True)
+            return stats
+        aside = self.move_derived_aside(record, "stale")
+        self.console.print(f"phase {record.index} '{record.name}': an unrecorded adapter from other settings was "
+                           f"moved to {aside}")
+        return None
+
+    def save_adapter(self, peft_model: Any, record: PhaseRecord, stats: TrainStats, log_history: list[dict]) -> None:
+        """Write the adapter to a temporary folder, check it, then rename it into place in one step.
+        train.json is written before the rename, so a saved adapter always has its stats beside it."""
+        phase_dir = self.phase_dir(record)
+        write_atomic(phase_dir / TRAIN_LOG, json.dumps(log_history, indent=1) + "\n")
+        tmp = make_temp_dir(phase_dir, ".adapter.tmp-")
+        try:
+            peft_model.save_pretrained(str(tmp), safe_serialization=True)
+            if _adapter_digest(tmp) != stats.final_digest:
+                raise RunError(f"{tmp}: the saved adapter does not match the trained weights")
+            write_atomic(phase_dir / TRAIN_STATS, stats.model_dump_json(indent=2) + "\n")
+            publish_dir(tmp, phase_dir / "adapter")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def record_phase_done(self, manifest: RunManifest, record: PhaseRecord, stats: TrainStats) -> None:
+        record.train = stats
+        record.checkpoint = f"{record.dirname}/adapter"
+        record.status, record.error = "done", None
+        manifest.write(self.path)
+        from cft_adapters.distributed import is_main
+
+        if is_main():
+            shutil.rmtree(self.trainer_dir(record), ignore_errors=True)  # optimizer state is only needed to resume
+
+
+def _digest_or_none(adapter_dir: Path) -> str | None:
+    try:
+        return _adapter_digest(adapter_dir)
+    except Exception:  # a damaged file is simply not the saved adapter
+        return None
+
+
+def _stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,1 @@
+"""Helpers every other module may use: atomic files and directories, locks, digests."""

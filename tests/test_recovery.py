@@ -1,0 +1,199 @@
+"""What a damaged or changed run directory gets: a verified adapter or a clear refusal, a replay pool
+rebuilt under new settings, a record that never claims what did not happen. Through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cft_adapters.cli import main
+from cft_adapters.manifest import RunManifest
+
+from conftest import REPO, SMOKE
+
+pytestmark = pytest.mark.slow
+
+P1, P2 = "phase_1_english", "phase_2_french_german"
+
+
+def _copy(smoke_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    return run
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_finished_adapter_that_was_altered_is_refused(smoke_run, tmp_path, capsys) -> None:
+    run = _copy(smoke_run, tmp_path)
+    path = run / P1 / "adapter" / "adapter_model.safetensors"
+    save_file({k: v * 50 for k, v in load_file(str(path)).items()}, str(path))
+    before = (run / "run.json").read_bytes()
+    assert main([str(SMOKE), f"output_dir={run}"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"phase 1 'english': its adapter {path} was changed after it was saved" in line
+    assert (run / "run.json").read_bytes() == before
+
+
+def test_a_deleted_finished_adapter_is_refused(smoke_run, tmp_path, capsys) -> None:
+    run = _copy(smoke_run, tmp_path)
+    (run / P1 / "adapter" / "adapter_model.safetensors").unlink()
+    assert main([str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]) == 1
+    assert "phase 1 'english': its adapter file" in _one_line(capsys.readouterr().err)
+
+
+def test_changed_eval_settings_are_refused_not_recorded(smoke_run, tmp_path, capsys) -> None:
+    run = _copy(smoke_run, tmp_path)
+    before = {name: (run / name).read_bytes() for name in ("run.json", "recipe.resolved.yaml", "report.md")}
+    assert main([str(SMOKE), f"output_dir={run}", "eval.limit=2"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "eval.limit: None -> 2" in line and f"cft-eval {run}" in line
+    assert {name: (run / name).read_bytes() for name in before} == before  # nothing claims the new limit
+    assert main([str(SMOKE), f"output_dir={run}"]) == 0  # the run's own settings still work
+
+
+def test_a_data_file_edited_in_place_is_another_phase(tmp_path, capsys) -> None:
+    data = tmp_path / "fr_de.jsonl"
+    shutil.copy(REPO / "cft_adapters/data/smoke/multi_fr_de.jsonl", data)
+    run = tmp_path / "run"
+    args = [str(SMOKE), f"output_dir={run}", "eval.tasks=[]", f"phases[1].datasets[0].path={data}"]
+    assert main(args) == 0
+    rows = data.read_text(encoding="utf-8").splitlines()
+    row = json.loads(rows[0])
+    row["messages"][-1]["content"] += " (corrigé)"
+    data.write_text("\n".join([json.dumps(row, ensure_ascii=False), *rows[1:]]) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(args) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "phase 2 'french_german' is finished there with a different recipe" in line
+    assert "the content of a data file it reads has changed" in line
+
+
+def test_a_damaged_run_json_names_the_field_and_deleting_it_recovers(smoke_run, tmp_path, capsys) -> None:
+    run = _copy(smoke_run, tmp_path)
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["phases"][1]["status"] = "finished-ish"
+    (run / "run.json").write_text(json.dumps(manifest))
+    assert main([str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "run.json: phases[1].status" in line and "Move it aside and re-run" in line
+
+    (run / "run.json").write_text("{not json")
+    assert main([str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]) == 1
+    assert "run.json: Invalid JSON" in _one_line(capsys.readouterr().err)
+
+    stamps = {p: (run / p / "adapter/adapter_model.safetensors").stat().st_mtime_ns for p in (P1, P2)}
+    (run / "run.json").unlink()
+    assert main([str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]) == 0
+    assert " ".join(capsys.readouterr().out.split()).count("adapter was already saved; recorded as done") == 2
+    assert all(p.status == "done" for p in RunManifest.read(run).phases)
+    assert stamps == {p: (run / p / "adapter/adapter_model.safetensors").stat().st_mtime_ns for p in (P1, P2)}
+
+
+def test_a_crafted_phase_name_in_run_json_is_refused(smoke_run, tmp_path, capsys) -> None:
+    run = _copy(smoke_run, tmp_path)
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["phases"][2]["name"] = "../../escaped"
+    (run / "run.json").write_text(json.dumps(manifest))
+    assert main([str(SMOKE), f"output_dir={run}"]) == 1
+    assert "run.json: phases[2].name" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_written_files_follow_the_umask(smoke_run) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("run.json", "recipe.resolved.yaml", f"{P1}/train.json", f"{P1}/adapter/adapter_model.safetensors"):
+        assert (smoke_run / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert (smoke_run / P1 / "adapter").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def _fault(point: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tests/fault_inject.py"), point, *args],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_a_stale_replay_pool_is_moved_aside_when_the_replay_settings_change(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    gr5 = [str(SMOKE.parent / "smoke_gr5.yaml"), f"output_dir={run}", "eval.tasks=[]"]
+    assert _fault("checkpoint:2:8", gr5).returncode == -9
+    old_pool = (run / P2 / "replay.jsonl").read_text()
+    assert len(old_pool.splitlines()) == 4  # ceil(5% of 64)
+
+    assert main([*gr5, "phases[1].replay.ratio=0.1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "settings changed; what its unfinished attempt left was moved to" in out
+    aside = list((run / P2).glob("stale-*"))
+    assert len(aside) == 1 and (aside[0] / "replay.jsonl").read_text() == old_pool
+    assert (aside[0] / "trainer" / "checkpoint-8").is_dir()  # moved, not deleted
+    record = RunManifest.read(run).phases[2]
+    assert record.replay["pool_examples"] == 7 and record.replay["pool_reused"] is False  # ceil(10% of 64)
+    assert record.train.resumed_from is None
+
+
+def test_a_replay_pool_built_for_another_adapter_is_not_reused(tmp_path, capsys) -> None:
+    """The same phase-2 settings, but phase 1 (the model that answers) was retrained differently."""
+    run = tmp_path / "run"
+    gr5 = [str(SMOKE.parent / "smoke_gr5.yaml"), f"output_dir={run}", "eval.tasks=[]"]
+    assert _fault("checkpoint:2:8", gr5).returncode == -9
+    meta = json.loads((run / P2 / "replay_meta.json").read_text())
+    meta["key"]["answering_adapter"] = "0" * 64
+    (run / P2 / "replay_meta.json").write_text(json.dumps(meta))
+    assert main(gr5) == 0
+    assert "was built under other settings; moved aside" in " ".join(capsys.readouterr().out.split())
+    assert list((run / P2).glob("replay.jsonl.stale-*"))
+    assert RunManifest.read(run).phases[2].replay["pool_reused"] is False
+
+
+def test_disk_full_fails_the_phase_in_one_line_and_the_rerun_finishes(tmp_path) -> None:
+    run = tmp_path / "run"
+    args = [str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]
+    done = _fault("enospc:2:16", args)
+    assert done.returncode == 1, done.stderr[-2000:]
+    line = _one_line(done.stderr)
+    assert "phase 2 'french_german'" in line and "checkpoint-16/optimizer.pt: No space left on device" in line
+    record = RunManifest.read(run).phases[2]
+    assert record.status == "failed" and "No space left on device" in record.error
+    assert main(args) == 0
+    assert RunManifest.read(run).phases[2].train.resumed_from.endswith("checkpoint-8")
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    args = [str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]
+    assert _fault("checkpoint:1:16", args).returncode == -9
+    trainer = run / P1 / "trainer"
+    (trainer / "checkpoint-16" / "optimizer.pt").write_bytes(b"garbage")
+    ckpt8 = trainer / "checkpoint-8" / "adapter_model.safetensors"
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "checkpoint-16: not resumable, optimizer.pt cannot be loaded" in out
+    assert RunManifest.read(run).phases[1].train.resumed_from.endswith("checkpoint-8")
+    assert not ckpt8.exists()  # the phase finished: its checkpoints are gone
+
+
+def test_a_checkpoint_holding_nan_is_never_the_last_good_one(tmp_path) -> None:
+    from cft_adapters.rundir import last_good_checkpoint
+
+    run = tmp_path / "run"
+    assert _fault("checkpoint:1:16", [str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]).returncode == -9
+    trainer = run / P1 / "trainer"
+    assert last_good_checkpoint(trainer).endswith("checkpoint-16")
+    path = trainer / "checkpoint-16" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(path))
+    assert last_good_checkpoint(trainer).endswith("checkpoint-8")
