@@ -52,7 +52,7 @@ def main() -> int:
     data = load_phase_data(recipe.phases[1], 1, seed=0)
     pool = build_pool(recipe.phases[1].replay, where="bench", phase_dir=Path(tempfile.mkdtemp()), phase_examples=len(data.dataset),
                       seed=0, model=None, tokenizer=None, source_model="-", earlier_sources=recipe.phases[1].datasets,
-                      console=Console(quiet=True))
+                      console=Console(quiet=True), key={"benchmark": "collator_overhead"})
 
     def steps_per_second(with_replay: bool) -> float:
         trainer = SFTTrainer(model=model, args=sft_config(recipe.phase_training(1), recipe.model, Path(tempfile.mkdtemp())),

@@ -45,6 +45,31 @@ def test_schedule_resumes_at_the_same_slot() -> None:
     assert a.position == 0
 
 
+def test_resume_position_counts_the_short_last_batch_of_each_epoch() -> None:
+    """64 examples in batches of 6: 11 batches an epoch, the last of 4. Step 16 is 5 steps into the
+    second epoch: 64 + 30 = 94 examples before it, not 16 x 6 = 96."""
+    from cft_adapters.replay import examples_before_step
+
+    kw = dict(examples_per_epoch=64, batches_per_epoch=11, batch_size=6)
+    assert examples_before_step(16, accumulation=1, **kw) == 94
+    assert examples_before_step(11, accumulation=1, **kw) == 64
+    assert examples_before_step(3, accumulation=2, **kw) == 36  # 6 steps an epoch, 2 batches each
+    assert examples_before_step(7, accumulation=2, **kw) == 64 + 12
+
+
+def test_seek_restores_the_counters_of_an_uninterrupted_stream() -> None:
+    pool = [{"input_ids": [0] * (i + 1)} for i in range(7)]
+    straight = ReplayCollator(lambda b: b, pool, 0.1, seed=2)
+    for _ in range(20):
+        straight([{"input_ids": [9, 9]} for _ in range(6)])
+    resumed = ReplayCollator(lambda b: b, pool, 0.1, seed=2)
+    resumed.seek(70)
+    for _ in range(50 // 5):
+        resumed([{"input_ids": [9, 9]} for _ in range(5)])
+    assert (resumed.replayed, resumed.seen, resumed.replay_tokens) == (straight.replayed, straight.seen, straight.replay_tokens)
+    assert straight.replayed == 12
+
+
 def test_bad_replay_settings_are_recipe_errors() -> None:
     with pytest.raises(RecipeError, match=r"phases\[1\]\.replay\.ratio: Input should be less than 1"):
         load_recipe(SMOKE, ["phases[1].replay={kind: real, ratio: 1.5}"])
@@ -72,7 +97,8 @@ def test_mostly_empty_generations_stop_the_phase(monkeypatch, tmp_path) -> None:
         ["" if i % 3 else "ok" for i in range(len(prompts))], {"seconds": 1.0}))
     with pytest.raises(CftError, match=r"of \d+ generated replay answers came back empty"):
         replay.build_pool(cfg, where="phases[1].replay", phase_dir=tmp_path, phase_examples=64, seed=0, model=None,
-                          tokenizer=None, source_model="phase_1", earlier_sources=[], console=Console(quiet=True))
+                          tokenizer=None, source_model="phase_1", earlier_sources=[], console=Console(quiet=True),
+                          key={"test": 1})
     assert not (tmp_path / "replay.jsonl").exists()
 
 
