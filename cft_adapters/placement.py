@@ -184,6 +184,17 @@ def spectrum_scan(base: Any, target_modules: list[str], cache_key: str, cache_ro
     cache = cache_root / "spectrum" / f"{digest}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    from cft_adapters.util.fs import file_lock, write_atomic
+
+    with file_lock(cache.with_suffix(".lock")):  # one scan per base, however many processes ask
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        result = _scan(base, target_modules, cache_key)
+        write_atomic(cache, json.dumps(result, indent=1))
+    return result
+
+
+def _scan(base: Any, target_modules: list[str], cache_key: str) -> dict[str, Any]:
     started = time.perf_counter()
     per_layer: dict[int, list[float]] = {}
     for name, module in base.named_modules():
@@ -193,16 +204,11 @@ def spectrum_scan(base: Any, target_modules: list[str], cache_key: str, cache_ro
         dense = _dense_weight(module)
         if dense.ndim == 2:
             per_layer.setdefault(layer, []).append(matrix_snr(dense))
-    result = {
+    return {
         "snr": {str(k): sum(v) / len(v) for k, v in sorted(per_layer.items())},
         "seconds": round(time.perf_counter() - started, 3),
         "base": cache_key,
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    from cft_adapters.manifest import write_atomic
-
-    write_atomic(cache, json.dumps(result, indent=1))  # data-parallel ranks may scan at the same time
-    return result
 
 
 # -- applying -------------------------------------------------------------------------------------

@@ -39,9 +39,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cft_adapters import report
-from cft_adapters.analysis.stats import Summary, paired_comparison, summarize
+from cft_adapters.analysis.stats import paired_comparison, summarize
 from cft_adapters.errors import CftError, RecipeError
-from cft_adapters.manifest import RunManifest, dumps_canonical, package_versions, write_atomic
+from cft_adapters.manifest import RunManifest, dumps_canonical, package_versions
+from cft_adapters.util.fs import atomic_file, make_temp_dir, publish_dir, write_atomic
 from cft_adapters.recipe import _PHASE_NAME, Recipe, _Strict, format_loc, load_recipe
 
 STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
@@ -240,9 +241,7 @@ def share_into(cell: Cell, donors: list[Cell], state: dict[str, Any]) -> list[st
     if best is None:
         return []
     donor, manifest = best
-    tmp = cell.run_dir.with_name(f".{cell.run_dir.name}.share-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = make_temp_dir(cell.run_dir.parent, f".{cell.run_dir.name}.share-")
     records, shared = [], []
     for rec in manifest.phases[:best_n]:
         src = donor.run_dir / rec.dirname
@@ -257,7 +256,7 @@ def share_into(cell: Cell, donors: list[Cell], state: dict[str, Any]) -> list[st
         seed=cell.recipe.training.seed, eval_base_precision=manifest.eval_base_precision,
         versions=package_versions(), phases=records,
     ).write(tmp)
-    os.rename(tmp, cell.run_dir)
+    publish_dir(tmp, cell.run_dir)
     return shared
 
 
@@ -647,11 +646,9 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
     n = len(result["seeds"])
     fig.suptitle(f"{Path(result['study']).name}: mean over {n} seed(s)" + ("; error bars: 95% CI" if n > 1 else "; n=1, no CI"))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def dry_run(study_path: str | Path, console: Console) -> None:

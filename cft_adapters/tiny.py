@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 BUILTIN_MODELS = {
@@ -78,21 +76,10 @@ def builtin_model_path(name: str) -> Path:
     """Build (once) and return the local directory of a builtin model."""
     if name not in BUILTIN_MODELS:
         raise KeyError(name)
+    from cft_adapters.util.fs import build_cached_dir
+
     target = cache_dir() / "models" / f"{name}-{_digest(name)}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        _build(name, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: use its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_cached_dir(target, lambda tmp: _build(name, tmp), ready="config.json")
 
 
 def _build(name: str, out: Path) -> None:

@@ -8,7 +8,6 @@ import torch
 
 from cft_adapters.cli import main
 from cft_adapters.data import load_phase_data
-from cft_adapters.errors import CftError
 from cft_adapters.hf_configs import sft_config
 from cft_adapters.manifest import RunManifest
 from cft_adapters.modeling import load_base_model, load_tokenizer
