@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,12 @@ def claim(run_dir: Path, source: str) -> RunLock:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CftError(f"{where}: cannot create run directory '{run_dir}': {exc.strerror}") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise CftError(f"{where}: the run directory '{run_dir}' is not writable by this user")
+    try:  # a real write: permissions, a read-only mount and an immutable folder all show here
+        fd, probe = tempfile.mkstemp(prefix=".cft-write-test-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CftError(f"{where}: the run directory '{run_dir}' is not writable ({exc.strerror})") from None
     lock = RunLock(run_dir)
     lock.acquire()
     return lock

@@ -197,3 +197,17 @@ def test_a_checkpoint_holding_nan_is_never_the_last_good_one(tmp_path) -> None:
     tensors[first] = torch.full_like(tensors[first], float("nan"))
     save_file(tensors, str(path))
     assert last_good_checkpoint(trainer).endswith("checkpoint-8")
+
+
+def test_an_unwritable_output_dir_is_one_line(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    # Root ignores permission bits, so the folder is made immutable (root cannot write there either).
+    if subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        assert main([str(SMOKE), f"output_dir={run}"]) == 2
+    finally:
+        subprocess.run(["chattr", "-i", str(run)], check=True)
+    line = _one_line(capsys.readouterr().err)
+    assert f"output_dir: the run directory '{run}' is not writable" in line
