@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,35 @@ from cft_adapters.errors import CftError
 from cft_adapters.fetch import WHEEL_MODELS, wheel_model_file
 from cft_adapters.hf_configs import bnb_config, compute_dtype, lora_config
 from cft_adapters.recipe import BUILTIN_PREFIX, AdapterConfig, ModelConfig
-from cft_adapters.tiny import CHATML_TEMPLATE, BUILTIN_MODELS, builtin_model_path, cache_dir
+from cft_adapters.tiny import BUILTIN_MODELS, builtin_model_path, cache_dir
+
+FALLBACK_TEMPLATE_NAME = "fallback-chatml-eos"
+# For a tokenizer without a chat template (a base model such as Mistral-7B-v0.1). ChatML layout, but
+# an assistant turn ends with the tokenizer's own EOS, not with '<|im_end|>': in such a tokenizer
+# the ChatML markers are plain text (several BPE pieces each), so a model trained to write
+# '<|im_end|>' never emits a token that generation stops on. TRL adds no EOS to conversational data,
+# and its completion mask covers everything the template renders after the generation prompt, so
+# the EOS here is a trained target. The frozen base already knows its EOS (and its embedding row),
+# so nothing is added to the vocabulary and the adapter stays LoRA-only. BOS is written by the
+# template because TRL and replay generation tokenize rendered chats without special tokens, while
+# lm-eval adds none to a prompt that already starts with BOS: all three then see exactly one.
+# The {% generation %} tags let `assistant_only_loss` mask the same span.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEMPLATE_RECORD_FILE = "chat_template.cft.json"
+_TEMPLATE_SOURCE = "_cft_chat_template_source"  # set on the tokenizer by load_tokenizer
+
+
+class ChatTemplateWarning(RuntimeWarning):
+    """The chat template in use may not teach the model to stop (not a UserWarning: the CLI hides those)."""
 
 
 def resolve_model_path(model: ModelConfig) -> str:
@@ -75,6 +105,8 @@ def materialize_gguf(model: ModelConfig) -> Path:
 
 
 def load_tokenizer(model: ModelConfig, path: str) -> Any:
+    """The tokenizer, with a chat template: its own, else the recipe's, else FALLBACK_CHAT_TEMPLATE.
+    template_record(tokenizer) says which one."""
     from transformers import AutoTokenizer
 
     try:
@@ -83,11 +115,77 @@ def load_tokenizer(model: ModelConfig, path: str) -> Any:
         )
     except (OSError, ValueError) as exc:
         raise CftError(f"model.name_or_path: cannot load a tokenizer from '{path}': {exc}") from None
+    source = "tokenizer"
     if not tokenizer.chat_template:
-        tokenizer.chat_template = model.chat_template or CHATML_TEMPLATE
+        source = "recipe" if model.chat_template else FALLBACK_TEMPLATE_NAME
+        tokenizer.chat_template = model.chat_template or FALLBACK_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    setattr(tokenizer, _TEMPLATE_SOURCE, source)
+    _warn_about_template(tokenizer, source, path)
     return tokenizer
+
+
+def _warn_about_template(tokenizer: Any, source: str, path: str) -> None:
+    if source == FALLBACK_TEMPLATE_NAME:
+        warnings.warn(
+            f"{path}: the tokenizer has no chat template; using {FALLBACK_TEMPLATE_NAME} (ChatML layout, "
+            f"assistant turns end with the tokenizer's EOS {tokenizer.eos_token!r}). Set model.chat_template "
+            "to choose another.", ChatTemplateWarning, stacklevel=3,
+        )
+    elif source == "recipe" and completion_has_stop(tokenizer, [tokenizer.eos_token_id]) is False:
+        warnings.warn(
+            f"model.chat_template: an assistant turn rendered by it does not contain the EOS token "
+            f"{tokenizer.eos_token!r}; a model trained on it may never stop generating.",
+            ChatTemplateWarning, stacklevel=3,
+        )
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids generation stops on: the tokenizer's EOS (the end of an assistant turn in the fallback
+    template) and the model's generation_config EOS ids (e.g. a turn-end token distinct from EOS)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def completion_has_stop(tokenizer: Any, stop_ids: list[int]) -> bool | None:
+    """Whether the part TRL trains on (what the template renders after the generation prompt) of a
+    probe exchange holds a stop token. None when the template cannot render the probe."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    full = [*prompt, {"role": "assistant", "content": "Hello"}]
+    try:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+        full_ids = tokenizer.apply_chat_template(full, return_dict=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a template may raise anything (jinja, its own raise_exception)
+        return None
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids)))
+    return any(t in stop_ids for t in full_ids[start:])
+
+
+def template_record(tokenizer: Any, model: Any = None) -> dict[str, Any]:
+    """Which chat template is in use and whether its assistant turns end in a stop token. For run.json
+    and for the file saved beside each adapter (write_template_record). With `model`, its
+    generation_config stop ids count too."""
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    stops = stop_token_ids(model, tokenizer) if model is not None else [tokenizer.eos_token_id]
+    return {
+        "source": getattr(tokenizer, _TEMPLATE_SOURCE, "tokenizer"),  # tokenizer | recipe | fallback-chatml-eos
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "eos_token": tokenizer.eos_token,
+        "stop_token_ids": stops,
+        "completion_has_stop": completion_has_stop(tokenizer, stops),
+    }
+
+
+def write_template_record(tokenizer: Any, directory: Path, model: Any = None) -> Path:
+    """template_record plus the template text, as `directory/chat_template.cft.json`: an adapter
+    trained under the fallback template needs that template again at inference."""
+    record = {**template_record(tokenizer, model), "template": tokenizer.chat_template}
+    path = Path(directory) / TEMPLATE_RECORD_FILE
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def load_base_model(model: ModelConfig, path: str) -> Any:

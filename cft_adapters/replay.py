@@ -152,8 +152,12 @@ def generate_answers(
     min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
 ) -> tuple[list[str], dict[str, Any]]:
     """Batched, left-padded `generate` with a KV cache. Prompts are batched by length (less padding)
-    and the answers returned in the prompts' order."""
+    and the answers returned in the prompts' order. Generation stops on modeling.stop_token_ids: the
+    tokenizer's EOS, which ends every trained assistant turn, and the model's own EOS ids."""
+    from cft_adapters.modeling import stop_token_ids
+
     was_training, side = model.training, tokenizer.padding_side
+    stops = stop_token_ids(model, tokenizer)
     model.eval()
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -166,7 +170,7 @@ def generate_answers(
             idx = order[start : start + batch_size]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, use_cache=True,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
             out = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -7,13 +9,19 @@ import torch
 
 from cft_adapters.errors import CftError
 from cft_adapters.modeling import (
+    FALLBACK_CHAT_TEMPLATE,
+    TEMPLATE_RECORD_FILE,
+    ChatTemplateWarning,
     adapter_state,
     load_adapter_weights,
     load_base_model,
     load_tokenizer,
     new_adapter,
     resolve_model_path,
+    stop_token_ids,
+    template_record,
     tensors_digest,
+    write_template_record,
 )
 from cft_adapters.recipe import AdapterConfig, ModelConfig
 from cft_adapters.tiny import CHATML_TEMPLATE, builtin_model_path
@@ -47,10 +55,34 @@ def test_chat_template_fallback_when_tokenizer_has_none(tmp_path: Path, tiny_mod
     tok.save_pretrained(tmp_path)
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     assert not AutoTokenizer.from_pretrained(tmp_path).chat_template
-    assert load_tokenizer(ModelConfig(name_or_path=str(tmp_path)), str(tmp_path)).chat_template == CHATML_TEMPLATE
-    custom = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.warns(ChatTemplateWarning, match="no chat template"):
+        fallback = load_tokenizer(ModelConfig(name_or_path=str(tmp_path)), str(tmp_path))
+    assert fallback.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert template_record(fallback)["source"] == "fallback-chatml-eos"
+    custom = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
     cfg = ModelConfig(name_or_path=str(tmp_path), chat_template=custom)
-    assert load_tokenizer(cfg, str(tmp_path)).chat_template == custom
+    recipe_tok = load_tokenizer(cfg, str(tmp_path))
+    assert recipe_tok.chat_template == custom
+    assert template_record(recipe_tok)["source"] == "recipe"
+
+
+def test_template_record_of_the_builtin_tokenizer_and_its_file(tmp_path: Path, tiny_model_path: Path) -> None:
+    tok = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-mistral"), str(tiny_model_path))
+    record = template_record(tok)
+    assert record == {"source": "tokenizer", "sha256": hashlib.sha256(CHATML_TEMPLATE.encode()).hexdigest(),
+                      "eos_token": "<|im_end|>", "stop_token_ids": [tok.eos_token_id], "completion_has_stop": True}
+    saved = json.loads(write_template_record(tok, tmp_path).read_text())
+    assert saved == {**record, "template": CHATML_TEMPLATE}
+    assert (tmp_path / TEMPLATE_RECORD_FILE).is_file()
+
+
+def test_stop_token_ids_join_tokenizer_and_generation_config(tiny_model_path: Path) -> None:
+    tok = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-mistral"), str(tiny_model_path))
+    base = load_base_model(ModelConfig(name_or_path="builtin:tiny-mistral", quantization="none"), str(tiny_model_path))
+    assert stop_token_ids(base, tok) == [tok.eos_token_id]
+    base.generation_config.eos_token_id = [7, tok.eos_token_id]  # e.g. a turn-end token besides EOS
+    assert stop_token_ids(base, tok) == [tok.eos_token_id, 7]
+    assert template_record(tok, base)["stop_token_ids"] == [tok.eos_token_id, 7]
 
 
 def test_nf4_base_on_cpu_forward_and_backward(tiny_model_path: Path) -> None:
