@@ -86,6 +86,10 @@ class RunManifest(BaseModel):
     base_model_path: str | None = None
     seed: int
     eval_base_precision: str | None = Field(None, description="Precision of the base the adapters were scored on.")
+    chat_template: dict[str, Any] | None = Field(
+        None, description="The chat template in use: its source (tokenizer | recipe | fallback-chatml-eos), sha256, "
+        "EOS and stop token ids (modeling.template_record); the text is saved beside each adapter."
+    )
     versions: dict[str, str]
     phases: list[PhaseRecord]
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from cft_adapters.errors import CftError
 from cft_adapters.fetch import WHEEL_MODELS, wheel_model_file
 from cft_adapters.hf_configs import bnb_config, compute_dtype, lora_config
 from cft_adapters.recipe import BUILTIN_PREFIX, AdapterConfig, ModelConfig
+from cft_adapters.util.fs import build_cached_dir
 from cft_adapters.tiny import BUILTIN_MODELS, builtin_model_path, cache_dir
 
 FALLBACK_TEMPLATE_NAME = "fallback-chatml-eos"
@@ -70,17 +68,20 @@ def resolve_model_path(model: ModelConfig) -> str:
 
 
 def materialize_gguf(model: ModelConfig) -> Path:
-    """Dequantize `gguf_file` once into `<cache>/gguf/<digest>/` (safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Dequantize `gguf_file` once into `<cache>/gguf/<digest>/` (safetensors + tokenizer); a second
+    process waits for the first one's build instead of racing it."""
     source = Path(model.name_or_path) / str(model.gguf_file)
     key = f"{model.name_or_path}|{model.gguf_file}|{model.revision}"
     if source.is_file():
         stat = source.stat()
         key += f"|{stat.st_size}|{int(stat.st_mtime)}"
     target = cache_dir() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if (target / "config.json").is_file():
-        return target
+    return build_cached_dir(target, lambda tmp: _dequantize_gguf(model, tmp), ready="config.json")
+
+
+def _dequantize_gguf(model: ModelConfig, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     kwargs = dict(gguf_file=model.gguf_file, revision=model.revision, trust_remote_code=model.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, **kwargs)
@@ -93,15 +94,8 @@ def materialize_gguf(model: ModelConfig) -> Path:
     if hasattr(loaded.config, "quantization_config"):
         del loaded.config.quantization_config
     loaded.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
-    try:
-        loaded.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    loaded.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def load_tokenizer(model: ModelConfig, path: str) -> Any:

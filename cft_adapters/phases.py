@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,7 @@ from cft_adapters.placement import (
     spectrum_scan,
 )
 from cft_adapters.recipe import EvalConfig, PlacementConfig, Recipe, ReplayConfig, TrainingConfig, dump_recipe, format_loc
-from cft_adapters.replay import REPLAY_FILE, REPLAY_META, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
+from cft_adapters.replay import REPLAY_FILE, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
 from cft_adapters.tiny import cache_dir
 
 
@@ -58,6 +56,8 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
     payload = {
         "model": recipe.model.model_dump(mode="json"),
         "adapter": recipe.adapter.model_dump(mode="json"),
+        # The template a tokenizer without one trains under (changing it changes every such phase).
+        "fallback_template": hashlib.sha256(modeling.FALLBACK_CHAT_TEMPLATE.encode()).hexdigest()[:16],
         "phases": [
             {
                 **recipe.run_phases()[i].model_dump(mode="json", exclude={"training"}),
@@ -175,6 +175,7 @@ class PhaseRunner:
             recipe=self.recipe_path,
             base_model=self.recipe.model.name_or_path,
             base_model_path=old.base_model_path if old else None,
+            chat_template=old.chat_template if old else None,
             seed=self.recipe.training.seed,
             eval_base_precision=precision if self.recipe.eval.tasks or old is None else old.eval_base_precision,
             versions=package_versions(),
@@ -227,6 +228,14 @@ class PhaseRunner:
         self.model.base = modeling.load_base_model(self.recipe.model, self.base_path)
         assert self.manifest is not None
         self.manifest.base_model_path = self.base_path
+        template = modeling.template_record(self.model.tokenizer, self.model.base)
+        self.manifest.chat_template = template
+        if template["source"] != "tokenizer":
+            self.console.print(f"[yellow]chat template:[/] the tokenizer has none; using the {template['source']} template "
+                               f"(each answer ends with {template['eos_token']!r}, which generation stops on)")
+        if template.get("completion_has_stop") is False:
+            self.console.print("[yellow]chat template:[/] its assistant turns do not end with a token generation "
+                               "stops on; answers will run to max_new_tokens")
         self.manifest.write(self.run_dir)
 
     def _adapter_for_phase(self, k: int, placement: Placement | None) -> str | None:
@@ -542,7 +551,8 @@ class PhaseRunner:
                                f"({', '.join(digests)}); nothing was saved")
 
         def save() -> None:
-            self.rundir.save_adapter(peft_model, record, stats, trainer.state.log_history)
+            self.rundir.save_adapter(peft_model, record, stats, trainer.state.log_history,
+                                     template=lambda folder: modeling.write_template_record(self.model.tokenizer, folder, self.model.base))
 
         distributed.main_first(save, f"phase {k} save", others=lambda: None)  # the next phase reads this adapter
         self.rundir.record_phase_done(self.manifest, record, stats)  # type: ignore[arg-type]

@@ -226,14 +226,18 @@ class RunDirectory:
                            f"moved to {aside}")
         return None
 
-    def save_adapter(self, peft_model: Any, record: PhaseRecord, stats: TrainStats, log_history: list[dict]) -> None:
+    def save_adapter(self, peft_model: Any, record: PhaseRecord, stats: TrainStats, log_history: list[dict],
+                     template: Any = None) -> None:
         """Write the adapter to a temporary folder, check it, then rename it into place in one step.
-        train.json is written before the rename, so a saved adapter always has its stats beside it."""
+        train.json is written before the rename, so a saved adapter always has its stats beside it.
+        `template(folder)` writes the chat-template record beside the adapter files."""
         phase_dir = self.phase_dir(record)
         write_atomic(phase_dir / TRAIN_LOG, json.dumps(log_history, indent=1) + "\n")
         tmp = make_temp_dir(phase_dir, ".adapter.tmp-")
         try:
             peft_model.save_pretrained(str(tmp), safe_serialization=True)
+            if template is not None:
+                template(tmp)
             if _adapter_digest(tmp) != stats.final_digest:
                 raise RunError(f"{tmp}: the saved adapter does not match the trained weights")
             write_atomic(phase_dir / TRAIN_STATS, stats.model_dump_json(indent=2) + "\n")

@@ -152,6 +152,13 @@ def test_adapter_on_a_base_without_template_learns_to_stop(tmp_path: Path, base_
     assert main([str(_one_phase_recipe(tmp_path / "fallback.yaml")), f"output_dir={fixed}", *overrides]) == 0
     assert main([str(_one_phase_recipe(tmp_path / "old.yaml", CHATML_TEMPLATE)), f"output_dir={old}", *overrides]) == 0
 
+    # run.json and each adapter folder say which template trained it, and the run said so at start.
+    manifest = json.loads((fixed / "run.json").read_text())
+    assert manifest["chat_template"]["source"] == "fallback-chatml-eos"
+    saved = json.loads((fixed / manifest["phases"][1]["checkpoint"] / "chat_template.cft.json").read_text())
+    assert saved["source"] == "fallback-chatml-eos" and saved["sha256"] == manifest["chat_template"]["sha256"]
+    assert json.loads((old / "run.json").read_text())["chat_template"]["source"] == "recipe"
+
     answers, lengths, model, tok = _greedy(fixed, base_dir)
     stopped = sum(n < MAX_NEW_TOKENS for n in lengths)
     assert stopped >= 12, lengths  # deterministic on CPU: all 16 stop here

@@ -33,13 +33,17 @@ def test_smoke_run_directory_matches_the_contract(smoke_run: Path) -> None:
     assert (smoke_run / "recipe.resolved.yaml").is_file()
     manifest = json.loads((smoke_run / "run.json").read_text())
     assert {"recipe", "base_model", "seed", "versions", "phases"} <= set(manifest)
+    assert manifest["chat_template"]["source"] == "tokenizer"  # the tiny model ships its own
     assert manifest["versions"]["trl"] and manifest["versions"]["peft"]
     assert [p["index"] for p in manifest["phases"]] == [0, 1, 2]
     assert [p["status"] for p in manifest["phases"]] == ["done"] * 3
     assert manifest["phases"][0]["checkpoint"] is None
     for phase in manifest["phases"][1:]:
         assert phase["checkpoint"] == f"phase_{phase['index']}_{phase['name']}/adapter"
-        assert sorted(os.listdir(smoke_run / phase["checkpoint"])) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(smoke_run / phase["checkpoint"])) == [
+            "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.cft.json"]
+        saved_template = json.loads((smoke_run / phase["checkpoint"] / "chat_template.cft.json").read_text())
+        assert saved_template["sha256"] == manifest["chat_template"]["sha256"] and saved_template["template"]
         train = phase["train"]
         assert {"steps", "tokens", "seconds", "tokens_per_second", "peak_memory_mb"} <= set(train)
         assert train["steps"] == 24 and train["tokens"] > 1000 and train["tokens_per_second"] > 0
