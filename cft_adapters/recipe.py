@@ -77,8 +77,9 @@ class ModelConfig(_Strict):
     )
     chat_template: str | None = Field(
         None,
-        description="Jinja chat template used when the tokenizer has none (default: ChatML). "
-        "A tokenizer's own template always wins.",
+        description="Jinja chat template used when the tokenizer has none. Default: 'fallback-chatml-eos', ChatML "
+        "turns whose assistant answers end with the tokenizer's EOS (so the model learns to stop). A tokenizer's own "
+        "template always wins; the template in use is recorded in run.json and beside each adapter.",
     )
 
     @model_validator(mode="after")
