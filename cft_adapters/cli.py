@@ -163,6 +163,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-precision", choices=["nf4", "bf16", "fp32"], help="precision of the base to score on")
     parser.add_argument("--phases", help="comma-separated phase indices to score (default: all finished)")
     parser.add_argument("--include-path", action="store_true", help="print the lm_eval_tasks folder (for --include_path) and exit")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="honour model.trust_remote_code: true in the run's recipe.resolved.yaml (runs the model "
+                        "repository's code); refused by default, since a run directory may come from anyone")
     return parser
 
 
@@ -192,6 +195,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             base_precision=args.base_precision,
             phases=[int(p) for p in args.phases.split(",")] if args.phases else None,
+            allow_remote_code=args.trust_remote_code,
         )
         return 0 if ok else 1
     except CftError as exc:
@@ -225,6 +229,9 @@ def _analyze_parser() -> argparse.ArgumentParser:
     drift.add_argument("--probe", help="JSON Lines with a 'prompt' field (default: held-out English prompts)")
     drift.add_argument("--batch-size", type=int, default=8)
     drift.add_argument("--out", help="JSON output (default: <run_dir>/analysis/drift.json; a PNG beside it)")
+    drift.add_argument("--trust-remote-code", action="store_true",
+                       help="honour model.trust_remote_code: true in the run's recipe.resolved.yaml (runs the model "
+                       "repository's code); refused by default, since a run directory may come from anyone")
     return parser
 
 
@@ -254,18 +261,18 @@ def analyze_main(argv: list[str] | None = None) -> int:
     try:
         _quiet_libraries()
         if args.command == "drift":
-            from cft_adapters.analysis.drift import default_probe, plot_drift, read_probe, run_drift
+            from cft_adapters.analysis.drift import default_probe, drift_outputs, plot_drift, read_probe, run_drift
 
             run_dir = Path(args.run_dir)
+            out, png = drift_outputs(run_dir, Path(args.out) if args.out else None)
             prompts = read_probe(Path(args.probe)) if args.probe else default_probe()
-            result = run_drift(run_dir, prompts, console, args.batch_size)
-            out = Path(args.out) if args.out else run_dir / "analysis" / "drift.json"
+            result = run_drift(run_dir, prompts, console, args.batch_size, allow_remote_code=args.trust_remote_code)
             _write_json(out, result)
-            plot_drift(result, out.with_suffix(".png"))
+            plot_drift(result, png)
             for t in result["transitions"]:
                 say(f"{t['from']} → {t['to']}: max mean shift {max(t['mean_shift']):.4f}, "
                               f"min CKA {min(t['cka']):.4f} (layers {result['layers']})")
-            say(f"wrote {out} and {out.with_suffix('.png')}")
+            say(f"wrote {out} and {png}")
             return 0
         from cft_adapters.recipe import load_recipe
 

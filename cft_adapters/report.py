@@ -220,6 +220,9 @@ def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str]) -> Path
         "EA and MA are unweighted means of the primary metrics above; see `cft_adapters/report.py`.",
         "",
     ]
+    from cft_adapters.rescore import inside  # not at the top: rescore imports this module
+
     path = run_dir / "report.md"
+    inside(run_dir, path)
     write_atomic(path, "\n".join(lines))
     return path

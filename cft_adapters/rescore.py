@@ -1,7 +1,14 @@
-"""`cft-eval RUN_DIR`: score an existing run's checkpoints again, without retraining."""
+"""`cft-eval RUN_DIR`: score an existing run's checkpoints again, without retraining.
+
+A run directory may come from someone else, so what it says is checked before use: phase names and
+adapter paths from run.json must stay inside the run directory, and `model.trust_remote_code: true`
+in its resolved recipe is honoured only when the user allows it on the command line.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import yaml
@@ -11,19 +18,84 @@ from rich.console import Console
 from cft_adapters import modeling, report
 from cft_adapters.errors import CftError
 from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision, unknown_tasks
-from cft_adapters.manifest import RESOLVED_RECIPE
+from cft_adapters.manifest import MANIFEST, RESOLVED_RECIPE, RunManifest
 from cft_adapters.phases import read_manifest, record_evaluation
+from cft_adapters.recipe import _PHASE_NAME as PHASE_NAME  # the recipe schema's rule for phases[].name
 from cft_adapters.recipe import EvalConfig, ModelConfig
 
 
-def run_settings(run_dir: Path) -> tuple[ModelConfig, EvalConfig]:
-    """The model and eval sections of the run's resolved recipe (data paths are not needed here)."""
+def inside(run_dir: Path, path: Path, source: str | None = None) -> Path:
+    """`path` with symlinks resolved; a CftError naming `source` (default: the path) when it lies
+    outside the resolved run directory. Every file written into a run directory goes through here."""
+    root = Path(run_dir).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise CftError(f"{source or path}: resolves to {resolved}, outside the run directory {root}")
+    return resolved
+
+
+def checked_manifest(run_dir: Path) -> RunManifest:
+    """run.json, with every phase's index, name and checkpoint checked before any of them is used.
+
+    Names become folder names (phase_<k>_<name>), so they must follow the recipe schema's rule. The
+    raw JSON is checked first, so that the file's own schema is not what stands between a crafted
+    name and a file path; the parsed records are checked again (the schema may coerce values).
+    """
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = None  # read_manifest says what is wrong with the file
+    if isinstance(raw, dict) and isinstance(raw.get("phases"), list):
+        _raise_phase_problems(run_dir, raw["phases"])
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
+    _raise_phase_problems(run_dir, [record.model_dump() for record in manifest.phases])
+    return manifest
+
+
+def _raise_phase_problems(run_dir: Path, phases: list) -> None:
+    """One line per bad phases[i].index / .name / .checkpoint; values of another type are left to
+    the manifest schema."""
+    source = run_dir / MANIFEST
+    problems = []
+    for i, phase in enumerate(phases):
+        if not isinstance(phase, dict):
+            continue
+        index, name, checkpoint = phase.get("index"), phase.get("name"), phase.get("checkpoint")
+        if isinstance(index, int) and index != i:
+            problems.append(f"{source}: phases[{i}].index: expected {i}, got {index}")
+        if isinstance(name, str) and not re.fullmatch(PHASE_NAME, name):
+            problems.append(f"{source}: phases[{i}].name: {name!r} is not a valid phase name "
+                            f"(lowercase letters, digits, '_' or '-')")
+        if isinstance(checkpoint, str):
+            try:
+                inside(run_dir, run_dir / checkpoint, f"{source}: phases[{i}].checkpoint: {checkpoint!r}")
+            except CftError as exc:
+                problems += exc.problems
+    if problems:
+        raise CftError(problems)
+
+
+def run_settings(run_dir: Path, *, allow_remote_code: bool = False) -> tuple[ModelConfig, EvalConfig]:
+    """The model and eval sections of the run's resolved recipe (data paths are not needed here).
+
+    `model.trust_remote_code: true` is refused unless `allow_remote_code` (the user's
+    --trust-remote-code): whoever wrote the run directory would choose what code runs here.
+    """
     path = run_dir / RESOLVED_RECIPE
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return ModelConfig.model_validate(raw["model"]), EvalConfig.model_validate(raw.get("eval") or {})
+        model_cfg, eval_cfg = ModelConfig.model_validate(raw["model"]), EvalConfig.model_validate(raw.get("eval") or {})
     except (OSError, KeyError, TypeError, yaml.YAMLError, ValidationError) as exc:
         raise CftError(f"{path}: cannot read the run's recipe: {str(exc).splitlines()[0]}") from None
+    if model_cfg.trust_remote_code and not allow_remote_code:
+        raise CftError(f"{path}: model.trust_remote_code is true; this run directory asks to run code from the "
+                       f"model repository. Pass --trust-remote-code to allow it.")
+    return model_cfg, eval_cfg
 
 
 def rescore_run(
@@ -35,13 +107,12 @@ def rescore_run(
     batch_size: int | None = None,
     base_precision: str | None = None,
     phases: list[int] | None = None,
+    allow_remote_code: bool = False,
 ) -> bool:
     """Score phase 0 and every finished phase; True when every scoring succeeded."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    if manifest is None:
-        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
-    model_cfg, eval_cfg = run_settings(run_dir)
+    manifest = checked_manifest(run_dir)
+    model_cfg, eval_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
     updates = {k: v for k, v in {"tasks": tasks, "limit": limit, "batch_size": batch_size}.items() if v is not None}
     eval_cfg = eval_cfg.model_copy(update=updates)
     if not eval_cfg.tasks:
@@ -54,6 +125,9 @@ def rescore_run(
         raise CftError(f"--phases: only phase 0 and finished phases can be scored (finished: "
                        f"{[r.index for r in manifest.phases if r.status == 'done']})")
 
+    # Every file this command writes: run.json, report.md and each scored phase's eval/ folder.
+    for out in (run_dir / MANIFEST, run_dir / "report.md", *(run_dir / r.dirname / "eval" for r in wanted)):
+        inside(run_dir, out)
     precision = base_precision or eval_cfg.base_precision or training_precision(model_cfg)
     cfg = eval_model_config(model_cfg, precision)
     path = modeling.resolve_model_path(cfg)
@@ -61,7 +135,7 @@ def rescore_run(
     scorer = CheckpointScorer(eval_cfg, modeling.load_tokenizer(cfg, path), modeling.load_base_model(cfg, path))
     manifest.eval_base_precision = precision
     for record in wanted:
-        adapter_dir = run_dir / record.checkpoint if record.checkpoint else None
+        adapter_dir = inside(run_dir, run_dir / record.checkpoint) if record.checkpoint else None
         console.print(f"phase {record.index} '{record.name}': evaluating {', '.join(eval_cfg.tasks)}")
         record_evaluation(manifest, record, scorer, adapter_dir, run_dir, console)
     console.print(*report.rich_tables(manifest, eval_cfg.tasks))

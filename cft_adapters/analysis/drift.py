@@ -92,18 +92,17 @@ def layer_drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[s
     }
 
 
-def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int = 8) -> dict[str, Any]:
-    from cft_adapters.phases import read_manifest
-    from cft_adapters.rescore import run_settings
+def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int = 8, *,
+              allow_remote_code: bool = False) -> dict[str, Any]:
+    """`allow_remote_code`: honour `model.trust_remote_code: true` in the run's resolved recipe."""
+    from cft_adapters.rescore import checked_manifest, inside, run_settings
 
-    manifest: RunManifest | None = read_manifest(run_dir)
-    if manifest is None:
-        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
+    manifest: RunManifest = checked_manifest(run_dir)
     records = [r for r in manifest.phases if r.index == 0 or r.status == "done"]
     if len(records) < 2:
         raise CftError(f"{run_dir}: drift compares consecutive checkpoints, and this run has only the base "
                        f"(no finished phase yet)")
-    model_cfg, eval_cfg = run_settings(run_dir)
+    model_cfg, eval_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
     cfg = eval_model_config(model_cfg, training_precision(model_cfg))
     path = modeling.resolve_model_path(cfg)
     tokenizer = modeling.load_tokenizer(cfg, path)
@@ -111,7 +110,7 @@ def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int =
     features = {}
     for record in records:
         console.print(f"drift: hidden states of phase {record.index} '{record.name}' on {len(prompts)} probe prompts")
-        with scorer.model_for(run_dir / record.checkpoint if record.checkpoint else None) as model:
+        with scorer.model_for(inside(run_dir, run_dir / record.checkpoint) if record.checkpoint else None) as model:
             features[record.index] = pooled_hidden_states(model, tokenizer, prompts, batch_size)
     transitions = []
     for prev, cur in zip(records, records[1:]):
@@ -120,6 +119,18 @@ def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int =
     return {"run": str(run_dir), "probe_prompts": len(prompts), "layers": len(features[0]),
             "layer_index_note": "index 0 is the embedding output; index i is the output of block i-1",
             "transitions": transitions}
+
+
+def drift_outputs(run_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
+    """The JSON and PNG paths: `out` as the user gave it, or <run_dir>/analysis/drift.json, which
+    must stay inside the run directory (a symlinked analysis/ folder could lead elsewhere)."""
+    from cft_adapters.rescore import inside
+
+    if out is None:
+        out = run_dir / "analysis" / "drift.json"
+        for path in (out, out.with_suffix(".png")):
+            inside(run_dir, path)
+    return out, out.with_suffix(".png")
 
 
 def plot_drift(result: dict[str, Any], path: Path) -> None:
