@@ -169,6 +169,13 @@ def _eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _phase_indices(spec: str) -> list[int]:
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise CftError(f"--phases: expected comma-separated phase indices such as 0,2, got {spec!r}")
+    return [int(p) for p in parts]
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = _eval_parser()
@@ -194,7 +201,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             batch_size=args.batch_size,
             base_precision=args.base_precision,
-            phases=[int(p) for p in args.phases.split(",")] if args.phases else None,
+            phases=_phase_indices(args.phases) if args.phases else None,
             allow_remote_code=args.trust_remote_code,
         )
         return 0 if ok else 1

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cft_adapters.recipe import PHASE_NAME
 from cft_adapters.util.fs import write_atomic  # noqa: F401  (re-exported: its old home)
 
 Status = Literal["pending", "running", "done", "failed"]
@@ -41,11 +42,25 @@ class TrainStats(BaseModel):
     )
 
 
+class EvalSet(BaseModel):
+    """Scores of one checkpoint made under other evaluation settings than the run's own (`cft-eval`
+    with --limit, --base-precision, ...). Kept apart from `eval`, so a report never mixes them."""
+
+    settings: dict[str, Any]
+    eval: dict[str, dict[str, float]] = Field(default_factory=dict)
+    eval_groups: dict[str, list[str]] = Field(default_factory=dict)
+    eval_tasks: list[str] = Field(default_factory=list)
+    eval_files: list[str] = Field(default_factory=list)
+    eval_status: Literal["pending", "done", "failed"] = "pending"
+    eval_error: str | None = None
+    eval_seconds: float | None = None
+
+
 class PhaseRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     index: int
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="The recipe's phase name ('base' for phase 0); "
+    name: str = Field(pattern=PHASE_NAME, description="The recipe's phase name ('base' for phase 0); "
                       "it names the phase folder, so it never holds a path separator.")
     status: Status = "pending"
     checkpoint: str | None = None
@@ -66,6 +81,10 @@ class PhaseRecord(BaseModel):
     eval_settings: dict[str, Any] | None = Field(
         None, description="The evaluation settings the scores in `eval` were produced with (limit, few-shot, "
         "chat template, batch size, base precision); scores from other settings are never merged into them."
+    )
+    eval_sets: dict[str, EvalSet] = Field(
+        default_factory=dict, description="Labelled result sets scored under other settings (cft-eval); "
+        "each has its own report-<label>.md."
     )
     error: str | None = None
 

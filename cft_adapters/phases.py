@@ -87,8 +87,21 @@ def _content(src: Any) -> dict[str, Any] | None:
 
 def eval_settings(eval_cfg: EvalConfig, precision: str) -> dict[str, Any]:
     """What makes two scorings of a checkpoint comparable (the task list aside: tasks add up)."""
-    return {"limit": eval_cfg.limit, "num_fewshot": eval_cfg.num_fewshot, "batch_size": eval_cfg.batch_size,
+    limit = eval_cfg.limit
+    if limit is not None and limit >= 1 and float(limit).is_integer():
+        limit = int(limit)  # a count of examples (below 1 it is a fraction)
+    return {"limit": limit, "num_fewshot": eval_cfg.num_fewshot, "batch_size": eval_cfg.batch_size,
             "apply_chat_template": eval_cfg.apply_chat_template, "base_precision": precision}
+
+
+def result_set_label(settings: dict[str, Any], run_settings: dict[str, Any]) -> str:
+    """A readable name for scores made under other settings than the run's own, from what differs:
+    e.g. 'limit8-fp32' for --limit 8 --base-precision fp32."""
+    short = {"limit": "limit{}", "num_fewshot": "{}shot", "batch_size": "bs{}", "base_precision": "{}",
+             "apply_chat_template": "chat{}"}
+    parts = [short.get(key, key + "{}").format(value) for key, value in settings.items() if run_settings.get(key) != value]
+    label = "-".join(parts) or "rescored"
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label.lower())
 
 
 def _peak_memory_mb() -> tuple[float, str]:
@@ -351,21 +364,23 @@ class PhaseRunner:
             return self.manifest
         self.console.print(summary_table(self.manifest))
         if self.recipe.eval.tasks:
-            self.console.print(*report.rich_tables(self.manifest, self.recipe.eval.tasks))
-            path = report.write_report(self.run_dir, self.manifest, self.recipe.eval.tasks)
+            settings = eval_settings(self.recipe.eval, self.recipe.eval.base_precision or training_precision(self.recipe.model))
+            self.console.print(*report.rich_tables(self.manifest, self.recipe.eval.tasks, settings))
+            path = report.write_report(self.run_dir, self.manifest, self.recipe.eval.tasks, settings)
             self.console.print(f"report: {path}")
         if self.recipe.analysis.drift:
             self._drift()
         return self.manifest
 
     def _drift(self) -> None:
-        from cft_adapters.analysis.drift import default_probe, plot_drift, run_drift
+        from cft_adapters.analysis.drift import default_probe, drift_outputs, plot_drift, run_drift
 
-        result = run_drift(self.run_dir, default_probe(), self.console)
-        out = self.run_dir / "analysis" / "drift.json"
+        out, png = drift_outputs(self.run_dir)
+        # This run's own recipe asked for the model's code (or not): no second question here.
+        result = run_drift(self.run_dir, default_probe(), self.console, allow_remote_code=self.recipe.model.trust_remote_code)
         write_atomic(out, json.dumps(result, indent=2) + "\n")
-        plot_drift(result, out.with_suffix(".png"))
-        self.console.print(f"drift: {out} and {out.with_suffix('.png')}")
+        plot_drift(result, png)
+        self.console.print(f"drift: {out} and {png}")
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -643,28 +658,41 @@ def check_placements(recipe: Recipe, source: str) -> None:
 
 def record_evaluation(
     manifest: RunManifest, record: PhaseRecord, scorer: CheckpointScorer, adapter_dir: Path | None,
-    run_dir: Path, console: Console, settings: dict[str, Any] | None = None,
+    run_dir: Path, console: Console, settings: dict[str, Any] | None = None, label: str | None = None,
 ) -> None:
     """Score one checkpoint into phase_k_<name>/eval/ and run.json. A failing task marks the
-    phase's evaluation failed (the adapter is untouched; `cft-eval` can retry). Scores made under
-    other `settings` than the recorded ones replace them rather than merge into them."""
+    phase's evaluation failed (the adapter is untouched; `cft-eval` can retry).
+
+    Without `label` the scores are the run's own (`record.eval`); scores made under other `settings`
+    than the recorded ones replace them rather than merge into them. With `label` they go to the
+    labelled set `record.eval_sets[label]` (files in eval/<label>/), never into the run's own."""
+    from cft_adapters.manifest import EvalSet
+
+    target: Any = record
+    out_dir = run_dir / record.dirname / "eval"
+    if label is not None:
+        prior = record.eval_sets.get(label)
+        target = prior if prior is not None and prior.settings == settings else EvalSet(settings=settings or {})
+        record.eval_sets[label] = target
+        out_dir = out_dir / label
     try:
-        outcome = scorer.score(adapter_dir, run_dir / record.dirname / "eval")
+        outcome = scorer.score(adapter_dir, out_dir)
     except Exception as exc:  # lm-eval and the datasets it loads raise anything; keep the run going
-        record.eval_status, record.eval_error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+        target.eval_status, target.eval_error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
         manifest.write(run_dir)
-        console.print(f"[red]phase {record.index} '{record.name}': evaluation failed[/]: {record.eval_error}"
+        console.print(f"[red]phase {record.index} '{record.name}': evaluation failed[/]: {target.eval_error}"
                       f"\n  the checkpoint is kept; retry with: cft-eval {run_dir}")
         return
-    if settings is not None and record.eval_settings not in (None, settings):
-        record.eval, record.eval_groups, record.eval_tasks = {}, {}, []
-    record.eval_settings = settings if settings is not None else record.eval_settings
-    record.eval = {**record.eval, **outcome.metrics}
-    record.eval_groups = {**record.eval_groups, **outcome.groups}
-    record.eval_seconds = outcome.seconds
-    record.eval_files.append(str(outcome.results_file.relative_to(run_dir)))
-    record.eval_tasks = sorted(set(record.eval_tasks) | set(scorer.eval_cfg.tasks))
-    record.eval_status, record.eval_error = "done", None
+    if label is None:
+        if settings is not None and record.eval_settings not in (None, settings):
+            record.eval, record.eval_groups, record.eval_tasks = {}, {}, []
+        record.eval_settings = settings if settings is not None else record.eval_settings
+    target.eval = {**target.eval, **outcome.metrics}
+    target.eval_groups = {**target.eval_groups, **outcome.groups}
+    target.eval_seconds = outcome.seconds
+    target.eval_files.append(str(outcome.results_file.relative_to(run_dir)))
+    target.eval_tasks = sorted(set(target.eval_tasks) | set(scorer.eval_cfg.tasks))
+    target.eval_status, target.eval_error = "done", None
     manifest.write(run_dir)
 
 

@@ -29,7 +29,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA_DIR = Path(__file__).parent / "data"
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 SEED_MAX = 2**32 - 1  # numpy.random.seed takes 0 .. 2**32-1; torch.manual_seed takes more, so numpy's range is the limit
-_PHASE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+PHASE_NAME = r"^[a-z0-9][a-z0-9_-]*$"  # phase names become folder names: no path separators
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -346,7 +346,7 @@ class ReplayConfig(_Strict):
 
 
 class PhaseConfig(_Strict):
-    name: str = Field(pattern=_PHASE_NAME, description="Phase name: lowercase letters, digits, '_' or '-'.")
+    name: str = Field(pattern=PHASE_NAME, description="Phase name: lowercase letters, digits, '_' or '-'.")
     datasets: list[DatasetSource] = Field(min_length=1, description="Data sources of this phase, concatenated.")
     training: TrainingOverrides = Field(  # type: ignore[valid-type]
         default_factory=TrainingOverrides, description="Overrides of the recipe's training defaults."

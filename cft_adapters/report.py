@@ -159,10 +159,12 @@ def summary_rows(scores: list[PhaseScores], digits: int = 4) -> list[list[str]]:
     return rows
 
 
-def rich_tables(manifest: RunManifest, tasks: list[str]) -> list[Table]:
+def rich_tables(manifest: RunManifest, tasks: list[str], settings: dict | None = None,
+                label: str | None = None) -> list[Table]:
     """The ability summary (rows: phases) and the per-task primary metrics (rows: tasks)."""
     from rich import box
 
+    manifest = result_set(manifest, settings, label)
     scores = phase_scores(manifest, tasks)
     summary = Table(title="English task ability (EA), multilingual ability (MA-s seen, MA-u unseen)",
                     box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
@@ -190,14 +192,42 @@ def _ordered_units(scores: list[PhaseScores]) -> list[str]:
     return sorted({u for s in scores for u in s.units}, key=lambda u: (task_language(u) != "en", u))
 
 
-def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str]) -> Path:
+def result_set(manifest: RunManifest, settings: dict | None = None, label: str | None = None) -> RunManifest:
+    """The run as one result set sees it: every phase keeps its record, but only scores made under
+    `settings` (the labelled set `label`, or the run's own scores) count; others read as not scored.
+    A report built from it only ever compares phases scored the same way."""
+    view = manifest.model_copy(deep=True)
+    for rec in view.phases:
+        if label is not None:
+            scored = rec.eval_sets.get(label)
+            ok = scored is not None and scored.eval_status == "done" and (settings is None or scored.settings == settings)
+            rec.eval, rec.eval_groups = (scored.eval, scored.eval_groups) if ok else ({}, {})
+        elif settings is not None and rec.eval_settings not in (None, settings):
+            rec.eval, rec.eval_groups = {}, {}
+    return view
+
+
+def settings_text(settings: dict | None) -> str:
+    if not settings:
+        return "the run's recipe settings"
+    return ", ".join(f"{key}={value}" for key, value in settings.items())
+
+
+def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str], settings: dict | None = None,
+                 label: str | None = None) -> Path:
+    """report.md for the run's own scores, report-<label>.md for a labelled result set; `manifest` is
+    the full run, narrowed here with result_set."""
+    manifest = result_set(manifest, settings, label)
     scores = phase_scores(manifest, tasks)
     units = _ordered_units(scores)
     lines = [
-        f"# Run report: {manifest.recipe}",
+        f"# Run report: {manifest.recipe}" + (f" (result set `{label}`)" if label else ""),
         "",
         f"Base model: `{manifest.base_model}`. Eval tasks: {', '.join(f'`{t}`' for t in tasks)}. "
         f"Seen languages: {', '.join(sorted(seen_languages(manifest))) or '-'}.",
+        "",
+        f"Scored with: {settings_text(settings)}. Every phase below was scored this way; a phase shown as "
+        f"`-` was not scored with these settings.",
         "",
         "## Abilities per phase",
         "",
@@ -220,9 +250,9 @@ def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str]) -> Path
         "EA and MA are unweighted means of the primary metrics above; see `cft_adapters/report.py`.",
         "",
     ]
-    from cft_adapters.rescore import inside  # not at the top: rescore imports this module
+    from cft_adapters.rundir import inside
 
-    path = run_dir / "report.md"
+    path = run_dir / (f"report-{label}.md" if label else "report.md")
     inside(run_dir, path)
     write_atomic(path, "\n".join(lines))
     return path

@@ -19,19 +19,10 @@ from cft_adapters import modeling, report
 from cft_adapters.errors import CftError
 from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision, unknown_tasks
 from cft_adapters.manifest import MANIFEST, RESOLVED_RECIPE, RunManifest
-from cft_adapters.phases import read_manifest, record_evaluation
-from cft_adapters.recipe import _PHASE_NAME as PHASE_NAME  # the recipe schema's rule for phases[].name
+from cft_adapters.rundir import inside, verify_adapter
+from cft_adapters.phases import eval_settings, read_manifest, record_evaluation, result_set_label
+from cft_adapters.recipe import PHASE_NAME  # the recipe schema's rule for phases[].name
 from cft_adapters.recipe import EvalConfig, ModelConfig
-
-
-def inside(run_dir: Path, path: Path, source: str | None = None) -> Path:
-    """`path` with symlinks resolved; a CftError naming `source` (default: the path) when it lies
-    outside the resolved run directory. Every file written into a run directory goes through here."""
-    root = Path(run_dir).resolve()
-    resolved = Path(path).resolve()
-    if not resolved.is_relative_to(root):
-        raise CftError(f"{source or path}: resolves to {resolved}, outside the run directory {root}")
-    return resolved
 
 
 def checked_manifest(run_dir: Path) -> RunManifest:
@@ -112,9 +103,9 @@ def rescore_run(
     """Score phase 0 and every finished phase; True when every scoring succeeded."""
     run_dir = Path(run_dir)
     manifest = checked_manifest(run_dir)
-    model_cfg, eval_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
+    model_cfg, run_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
     updates = {k: v for k, v in {"tasks": tasks, "limit": limit, "batch_size": batch_size}.items() if v is not None}
-    eval_cfg = eval_cfg.model_copy(update=updates)
+    eval_cfg = run_cfg.model_copy(update=updates)
     if not eval_cfg.tasks:
         raise CftError("no tasks to score: pass --tasks (the run's recipe has eval.tasks: [])")
     problems = unknown_tasks(eval_cfg.tasks)
@@ -125,19 +116,36 @@ def rescore_run(
         raise CftError(f"--phases: only phase 0 and finished phases can be scored (finished: "
                        f"{[r.index for r in manifest.phases if r.status == 'done']})")
 
-    # Every file this command writes: run.json, report.md and each scored phase's eval/ folder.
-    for out in (run_dir / MANIFEST, run_dir / "report.md", *(run_dir / r.dirname / "eval" for r in wanted)):
+    run_precision = eval_cfg.base_precision or training_precision(model_cfg)
+    precision = base_precision or run_precision
+    own = eval_settings(run_cfg, run_precision)
+    settings = eval_settings(eval_cfg, precision)
+    # Scores under the run's own settings join its record and report.md; under any other settings
+    # they form a labelled result set (eval/<label>/, report-<label>.md): never mixed with the run's.
+    label = None if settings == own else result_set_label(settings, own)
+    report_name = f"report-{label}.md" if label else "report.md"
+    # Every file this command writes is checked to lie inside the run directory before anything loads.
+    for out in (run_dir / MANIFEST, run_dir / report_name,
+                *(run_dir / r.dirname / "eval" for r in wanted),
+                *(run_dir / r.dirname / "eval" / label for r in wanted if label)):
         inside(run_dir, out)
-    precision = base_precision or eval_cfg.base_precision or training_precision(model_cfg)
     cfg = eval_model_config(model_cfg, precision)
     path = modeling.resolve_model_path(cfg)
     console.print(f"[bold]loading base[/] {model_cfg.name_or_path} at {precision} (once, for all phases)")
+    if label:
+        console.print(f"these settings differ from the run's own ({report.settings_text(own)}): the scores go to "
+                      f"the result set '{label}' and {report_name}; run.json's own scores and report.md are kept")
     scorer = CheckpointScorer(eval_cfg, modeling.load_tokenizer(cfg, path), modeling.load_base_model(cfg, path))
-    manifest.eval_base_precision = precision
     for record in wanted:
         adapter_dir = inside(run_dir, run_dir / record.checkpoint) if record.checkpoint else None
+        if adapter_dir is not None:
+            verify_adapter(run_dir, record)
         console.print(f"phase {record.index} '{record.name}': evaluating {', '.join(eval_cfg.tasks)}")
-        record_evaluation(manifest, record, scorer, adapter_dir, run_dir, console)
-    console.print(*report.rich_tables(manifest, eval_cfg.tasks))
-    console.print(f"report: {report.write_report(run_dir, manifest, eval_cfg.tasks)}")
-    return all(r.eval_status == "done" for r in wanted)
+        record_evaluation(manifest, record, scorer, adapter_dir, run_dir, console, settings, label)
+    if label is None:
+        manifest.eval_base_precision = precision
+        manifest.write(run_dir)
+    console.print(*report.rich_tables(manifest, eval_cfg.tasks, settings, label))
+    console.print(f"report: {report.write_report(run_dir, manifest, eval_cfg.tasks, settings, label)}")
+    scored = [r.eval_sets[label] if label else r for r in wanted]
+    return all(s.eval_status == "done" for s in scored)

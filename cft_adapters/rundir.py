@@ -58,7 +58,8 @@ def verify_adapter(run_dir: Path, record: PhaseRecord) -> Path:
     where = f"{run_dir}: phase {record.index} '{record.name}'"
     if record.checkpoint is None or record.train is None:
         raise RunError(f"{where} is recorded as done but has no checkpoint in run.json")
-    adapter_dir = inside(run_dir, run_dir / record.checkpoint, f"phases[{record.index}].checkpoint")
+    adapter_dir = inside(run_dir, run_dir / record.checkpoint,
+                         f"{run_dir / MANIFEST}: phases[{record.index}].checkpoint: {record.checkpoint!r}")
     missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
     if missing:
         raise RunError(f"{where}: its adapter file {adapter_dir / missing[0]} is missing; restore it, or start over "
@@ -75,12 +76,15 @@ def verify_adapter(run_dir: Path, record: PhaseRecord) -> Path:
     return adapter_dir
 
 
-def inside(run_dir: Path, path: Path, key: str) -> Path:
-    """`path`, after checking it stays inside the run directory (run.json is data, not a trusted path)."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(run_dir.resolve()):
-        raise CftError(f"{run_dir / MANIFEST}: {key}: '{path}' points outside the run directory")
-    return path
+def inside(run_dir: Path, path: Path, source: str | None = None) -> Path:
+    """`path` with symlinks resolved; a CftError naming `source` (default: the path) when it lies
+    outside the resolved run directory. A run directory may come from someone else: every path read
+    from it, and every file written into it, goes through here."""
+    root = Path(run_dir).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise CftError(f"{source or path}: resolves to {resolved}, outside the run directory {root}")
+    return resolved
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -43,13 +43,13 @@ from cft_adapters.analysis.stats import paired_comparison, summarize
 from cft_adapters.errors import CftError, RecipeError
 from cft_adapters.manifest import RunManifest, dumps_canonical, package_versions
 from cft_adapters.util.fs import atomic_file, make_temp_dir, publish_dir, write_atomic
-from cft_adapters.recipe import _PHASE_NAME, Recipe, _Strict, format_loc, load_recipe
+from cft_adapters.recipe import PHASE_NAME, Recipe, _Strict, format_loc, load_recipe
 
 STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
 
 
 class StudyCondition(_Strict):
-    name: str = Field(pattern=_PHASE_NAME, description="Condition name (lowercase letters, digits, '_' or '-').")
+    name: str = Field(pattern=PHASE_NAME, description="Condition name (lowercase letters, digits, '_' or '-').")
     recipe: str = Field(description="Recipe file, relative to the study file.")
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides for this condition, after the study's.")
 

@@ -124,3 +124,39 @@ def test_cft_eval_errors_are_clean(tmp_path: Path, capsys) -> None:
     assert "no run.json here" in capsys.readouterr().err
     assert eval_main(["--include-path"]) == 0
     assert capsys.readouterr().out.strip() == str(tasks_dir())
+
+
+def test_cft_eval_on_a_subset_with_other_settings_is_a_separate_labelled_set(smoke_run: Path, tmp_path: Path) -> None:
+    """The README's example: other limit and precision, two phases. report.md and the run's own
+    scores stay as they were; the new scores are their own result set with their own report."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = RunManifest.read(run)
+    report_before = (run / "report.md").read_bytes()
+    assert eval_main([str(run), "--tasks", "cft_smoke_en", "--limit", "8", "--base-precision", "fp32",
+                      "--phases", "0,2"]) == 0
+    after = RunManifest.read(run)
+    assert (run / "report.md").read_bytes() == report_before
+    assert after.eval_base_precision == before.eval_base_precision == "nf4"
+    for old, new in zip(before.phases, after.phases):
+        assert new.eval == old.eval and new.eval_settings == old.eval_settings
+    assert [sorted(p.eval_sets) for p in after.phases] == [["limit8-fp32"], [], ["limit8-fp32"]]
+    subset = after.phases[2].eval_sets["limit8-fp32"]
+    assert subset.settings["limit"] == 8 and subset.settings["base_precision"] == "fp32"
+    assert (run / subset.eval_files[0]).parent == run / "phase_2_french_german" / "eval" / "limit8-fp32"
+    report = (run / "report-limit8-fp32.md").read_text()
+    assert "Scored with: limit=8," in report and "base_precision=fp32" in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ") and "english" in line
+            or line.startswith("| 2 french_german") or line.startswith("| 0 base")}
+    assert rows["1 english"].split("|")[2].strip() == "-"  # not scored this way: not compared
+    assert rows["2 french_german"].split("|")[2].strip() != "-"
+
+
+def test_result_set_label_names_what_differs() -> None:
+    from cft_adapters.phases import result_set_label
+
+    own = {"limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": True, "base_precision": "nf4"}
+    assert result_set_label({**own, "limit": 8, "base_precision": "fp32"}, own) == "limit8-fp32"
+    assert result_set_label({**own, "num_fewshot": 5}, own) == "5shot"

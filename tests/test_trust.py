@@ -13,7 +13,7 @@ import yaml
 
 from cft_adapters.cli import analyze_main, eval_main
 from cft_adapters.errors import CftError
-from cft_adapters.rescore import inside
+from cft_adapters.rundir import inside
 
 pytestmark = pytest.mark.slow
 

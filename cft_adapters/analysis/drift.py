@@ -95,7 +95,8 @@ def layer_drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[s
 def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int = 8, *,
               allow_remote_code: bool = False) -> dict[str, Any]:
     """`allow_remote_code`: honour `model.trust_remote_code: true` in the run's resolved recipe."""
-    from cft_adapters.rescore import checked_manifest, inside, run_settings
+    from cft_adapters.rescore import checked_manifest, run_settings
+    from cft_adapters.rundir import inside
 
     manifest: RunManifest = checked_manifest(run_dir)
     records = [r for r in manifest.phases if r.index == 0 or r.status == "done"]
@@ -124,7 +125,7 @@ def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int =
 def drift_outputs(run_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
     """The JSON and PNG paths: `out` as the user gave it, or <run_dir>/analysis/drift.json, which
     must stay inside the run directory (a symlinked analysis/ folder could lead elsewhere)."""
-    from cft_adapters.rescore import inside
+    from cft_adapters.rundir import inside
 
     if out is None:
         out = run_dir / "analysis" / "drift.json"
