@@ -66,31 +66,23 @@ class RichProgressCallback(TrainerCallback):
         self.progress.update(self.task, completed=state.global_step)
 
 
-class KeepAdapterDtype(TrainerCallback):
-    """A resumed phase trains at the precision an uninterrupted one does.
+class AdapterDtypeGuard(TrainerCallback):
+    """Fail closed if a resumed phase would train at another precision than an uninterrupted one.
 
-    For a quantized base, TRL's SFTTrainer casts the trainable LoRA weights to bf16 when it is built.
-    Resuming from a trainer checkpoint reloads the adapter through PEFT's `load_adapter`, which casts
-    it back to fp32, and the optimizer state loaded next follows the parameters. The rest of the phase
-    would then train (and save) at another precision than an uninterrupted run. At `on_train_begin`
-    (after the checkpoint, optimizer and scheduler are loaded, before the first step) this puts every
-    trainable tensor and its optimizer state back to the dtype it had when the trainer was built. The
-    checkpoint's values were saved at that dtype, so the cast back is exact."""
+    For a quantized base, TRL's SFTTrainer casts the trainable LoRA weights to bf16 when it is built,
+    and PEFT's `load_adapter` (which the Trainer calls to resume from a checkpoint) would cast them
+    back to fp32; the runner keeps the dtype on reload (modeling.adapter_dtype_kept_on_reload). This
+    guard checks, before the first step, that every trainable tensor still has the dtype it had when
+    the trainer was built: under data parallelism a cast after the model is wrapped would desync the
+    ranks' gradient buckets, so a mismatch is an error, not something to patch up here."""
 
     def __init__(self, model: Any):
         # By name: the reload may replace the parameter objects.
         self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                dtype = self.dtypes.get(name)
-                if dtype is None:
-                    continue
-                if p.dtype != dtype:
-                    p.data = p.data.to(dtype)
-                if optimizer is None:
-                    continue
-                for key, value in optimizer.state.get(p, {}).items():
-                    if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.dtype != dtype:
-                        optimizer.state[p][key] = value.to(dtype)
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        for name, p in model.named_parameters():
+            expected = self.dtypes.get(name.removeprefix("module."))
+            if expected is not None and p.dtype != expected:
+                raise RuntimeError(f"the adapter tensor {name} is {p.dtype} after the resume, {expected} before it; "
+                                   f"the phase would train at another precision than an uninterrupted one")

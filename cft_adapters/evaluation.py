@@ -93,10 +93,8 @@ class CheckpointScorer:
                 with self.peft_model.disable_adapter():
                     yield self.peft_model
             return
-        if self.peft_model is None:
-            from peft import PeftModel
-
-            self.peft_model = PeftModel.from_pretrained(self.base, str(adapter_dir), is_trainable=False)
+        if self.peft_model is None:  # at the dtype it was saved (and trained) in, as cft-train scores it
+            self.peft_model = modeling.load_adapter(self.base, adapter_dir, trainable=False)
         else:
             modeling.load_adapter_weights(self.peft_model, adapter_dir)
         yield self.peft_model

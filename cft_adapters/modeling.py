@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,26 +261,44 @@ def new_adapter(base: Any, adapter: AdapterConfig, layers_to_transform: list[int
 
 
 def load_adapter_for_training(base: Any, adapter_dir: Path) -> Any:
-    """Continue an adapter saved by an earlier phase, on an already loaded base.
+    """Continue an adapter saved by an earlier phase, on an already loaded base."""
+    return load_adapter(base, adapter_dir, trainable=True)
 
-    PEFT upcasts a bf16 adapter to fp32 on load. The weights are kept at the dtype they were saved
-    in instead, which is the dtype they trained at: the model is then the same whether the earlier
-    phase ran in this process or in another one (generation and scoring included)."""
+
+def load_adapter(base: Any, adapter_dir: Path, *, trainable: bool) -> Any:
+    """A saved adapter on a loaded base, its weights at the dtype they were saved in.
+
+    PEFT upcasts a bf16 adapter to fp32 on load; a QLoRA adapter trained (and was saved) in bf16. Kept
+    at the saved dtype, the model is the same whether the earlier phase ran in this process or in
+    another one: training from it, generating replay with it and scoring it (cft-train and cft-eval
+    score the same model)."""
     from peft import PeftModel
     from safetensors import safe_open
 
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as fh:
-        saved = {name: fh.get_slice(name).get_dtype() for name in fh.keys()}
-    dtypes = {name: _SAFETENSORS_DTYPES.get(code) for name, code in saved.items()}
+        saved = {name: _SAFETENSORS_DTYPES.get(fh.get_slice(name).get_dtype()) for name in fh.keys()}
     for name, param in model.named_parameters():
-        dtype = dtypes.get(name.replace(".default.", "."))  # PEFT saves names without the adapter name
+        dtype = saved.get(name.replace(".default.", "."))  # PEFT saves names without the adapter name
         if dtype is not None and param.dtype != dtype:
             param.data = param.data.to(dtype)
     return model
 
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+@contextlib.contextmanager
+def adapter_dtype_kept_on_reload(peft_model: Any) -> Iterator[None]:
+    """While the block runs, `peft_model.load_adapter` keeps the dtypes it loads (PEFT's own
+    `autocast_adapter_dtype=False`). The Trainer resumes a PEFT model from a checkpoint through that
+    method, before it builds the optimizer and wraps the model for data parallelism: the resumed
+    phase then trains at the dtype the checkpoint was saved at, as an uninterrupted one does."""
+    peft_model.load_adapter = functools.partial(type(peft_model).load_adapter, peft_model, autocast_adapter_dtype=False)
+    try:
+        yield
+    finally:
+        del peft_model.load_adapter
 
 
 def load_adapter_weights(peft_model: Any, adapter_dir: Path) -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 from transformers import TrainerCallback
 
 from cft_adapters import distributed, modeling, report
-from cft_adapters.callbacks import KeepAdapterDtype, NonFiniteGuard, NonFiniteLossError, RichProgressCallback
+from cft_adapters.callbacks import AdapterDtypeGuard, NonFiniteGuard, NonFiniteLossError, RichProgressCallback
 from cft_adapters.data import PhaseData, check_data, load_phase_data, truncate_tokenized
 from cft_adapters.errors import CftError, RunError
 from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
@@ -426,17 +426,20 @@ class PhaseRunner:
         record = self.manifest.phases[k]
         phase_dir = self.run_dir / record.dirname
 
-        def recover() -> bool:
+        def recover(tidy: bool = True) -> bool:
             """Tidy what a killed attempt left; True when its adapter was saved and only needs recording."""
-            stats = self.rundir.recover_phase(record)
+            stats = self.rundir.recover_phase(record, tidy=tidy)
             if stats is None:
                 return False
             self.rundir.record_phase_done(self.manifest, record, stats)
             self.console.print(f"phase {k} '{record.name}': adapter was already saved; recorded as done")
             return True
 
-        if distributed.main_first(recover, f"phase {k} set-up"):
+        # Rank 0 tidies; the other ranks only read what it left.
+        if distributed.main_first(recover, f"phase {k} set-up", others=lambda: recover(tidy=False)):
             return
+        if self.main:
+            self.rundir.start_attempt(record)
         record.status, record.error = "running", None
         self.manifest.write(self.run_dir)
         try:
@@ -495,7 +498,7 @@ class PhaseRunner:
         ) if phase.replay else None
 
         trainer_dir = self.rundir.trainer_dir(record)
-        resume = last_good_checkpoint(trainer_dir, self.console)
+        resume = last_good_checkpoint(trainer_dir, self.console, move_damaged=True)
         tokens_before = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
         trainer = SFTTrainer(
             model=peft_model,
@@ -505,7 +508,7 @@ class PhaseRunner:
             callbacks=[NonFiniteGuard(peft_model), RichProgressCallback(progress, f"phase {k} {phase.name}")],
         )
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(KeepAdapterDtype(peft_model))  # after TRL's cast: the dtypes it trains at
+        trainer.add_callback(AdapterDtypeGuard(peft_model))  # after TRL's cast: the dtypes it trains at
         # The adapter the phase starts from, as the trainer will train it (TRL may have cast it).
         init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
         if k > 1 and init_digest != self.manifest.phases[k - 1].train.final_digest:  # type: ignore[union-attr]
@@ -521,7 +524,8 @@ class PhaseRunner:
         if resume:
             self.console.print(f"phase {k} '{phase.name}': resuming from {resume}")
         started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
+        with modeling.adapter_dtype_kept_on_reload(peft_model):  # a resume reloads the adapter: keep bf16
+            trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
         peak, kind = _peak_memory_mb()
 

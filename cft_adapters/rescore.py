@@ -20,6 +20,7 @@ from cft_adapters.errors import CftError
 from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision, unknown_tasks
 from cft_adapters.manifest import MANIFEST, RESOLVED_RECIPE, RunManifest
 from cft_adapters.rundir import inside, verify_adapter
+from cft_adapters.util.fs import RunLock
 from cft_adapters.phases import eval_settings, read_manifest, record_evaluation, result_set_label
 from cft_adapters.recipe import PHASE_NAME  # the recipe schema's rule for phases[].name
 from cft_adapters.recipe import EvalConfig, ModelConfig
@@ -102,7 +103,19 @@ def rescore_run(
 ) -> bool:
     """Score phase 0 and every finished phase; True when every scoring succeeded."""
     run_dir = Path(run_dir)
-    manifest = checked_manifest(run_dir)
+    checked_manifest(run_dir)
+    lock = RunLock(run_dir)  # cft-train or another cft-eval writing run.json meanwhile would lose records
+    lock.acquire()
+    try:
+        return _rescore(run_dir, console, tasks=tasks, limit=limit, batch_size=batch_size, base_precision=base_precision,
+                        phases=phases, allow_remote_code=allow_remote_code)
+    finally:
+        lock.release()
+
+
+def _rescore(run_dir: Path, console: Console, *, tasks: list[str] | None, limit: float | None, batch_size: int | None,
+             base_precision: str | None, phases: list[int] | None, allow_remote_code: bool) -> bool:
+    manifest = checked_manifest(run_dir)  # read under the lock
     model_cfg, run_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
     updates = {k: v for k, v in {"tasks": tasks, "limit": limit, "batch_size": batch_size}.items() if v is not None}
     eval_cfg = run_cfg.model_copy(update=updates)

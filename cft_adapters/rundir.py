@@ -26,7 +26,9 @@ TRAIN_STATS = "train.json"
 TRAIN_LOG = "train_log.json"
 # Everything a phase folder can hold that was derived from the phase's settings (moved aside together
 # when an unfinished phase's settings change).
-DERIVED = ("trainer", "adapter", TRAIN_STATS, TRAIN_LOG, "replay.jsonl", "replay_meta.json", "placement.json", "eval")
+ATTEMPT = "attempt.json"  # the config_digest an unfinished attempt trains under
+DERIVED = ("trainer", "adapter", TRAIN_STATS, TRAIN_LOG, "replay.jsonl", "replay_meta.json", "placement.json", "eval",
+           ATTEMPT)
 
 
 def read_manifest(run_dir: Path) -> RunManifest | None:
@@ -103,11 +105,16 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"adapter_model.safetensors cannot be read ({str(exc)[:80]})"
     if not all(torch.isfinite(t).all() for t in adapter.values()):
         return "the adapter holds nan/inf"
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+    from cft_adapters.distributed import world_size
+
+    # One process saves rng_state.pth; under data parallelism each rank saves rng_state_<rank>.pth.
+    ranks = world_size()
+    rng = ["rng_state.pth"] if ranks == 1 else [f"rng_state_{i}.pth" for i in range(ranks)]
+    for name in ("optimizer.pt", "scheduler.pt", *rng):
         if not (path / name).is_file():
             return f"{name} is missing"
         try:
-            if name == "rng_state.pth":  # holds numpy state: not loadable with weights_only, so check the archive
+            if name.startswith("rng_state"):  # holds numpy state: not loadable with weights_only, so check the archive
                 with zipfile.ZipFile(path / name) as archive:
                     if archive.testzip() is not None:
                         raise ValueError("bad CRC")
@@ -123,18 +130,26 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if path.name.startswith("checkpoint-") and step.isdigit() else None
 
 
-def last_good_checkpoint(trainer_dir: Path, console: Any = None) -> str | None:
+def last_good_checkpoint(trainer_dir: Path, console: Any = None, move_damaged: bool = False) -> str | None:
     """The newest trainer checkpoint that can be resumed from; damaged newer ones are passed over
-    (and named), never resumed from."""
+    (and named), never resumed from. With `move_damaged` (rank 0, before resuming) they are moved out
+    of the trainer folder, to `damaged-checkpoint-<step>-<time>/` beside it, so the resumed trainer
+    neither writes into them nor counts them when it rotates its checkpoints."""
+    from cft_adapters.distributed import is_main
+
     if not trainer_dir.is_dir():
         return None
     steps = sorted(((checkpoint_step(p), p) for p in trainer_dir.iterdir() if checkpoint_step(p) is not None), reverse=True)
-    for _, path in steps:
+    for step, path in steps:
         problem = checkpoint_problem(path)
         if problem is None:
             return str(path)
+        aside = trainer_dir.parent / f"damaged-checkpoint-{step}-{_stamp()}"
+        if move_damaged and is_main() and not aside.exists():
+            path.rename(aside)
         if console is not None:
-            console.print(f"[yellow]{path}: not resumable, {problem}; trying an earlier checkpoint[/]")
+            moved = f"; moved to {aside}" if aside.exists() else ""
+            console.print(f"[yellow]{path}: not resumable, {problem}{moved}; trying an earlier checkpoint[/]")
     return None
 
 
@@ -211,24 +226,47 @@ class RunDirectory:
         fsync_path(phase_dir)
         return aside
 
-    def recover_phase(self, record: PhaseRecord) -> TrainStats | None:
+    def recover_phase(self, record: PhaseRecord, tidy: bool = True) -> TrainStats | None:
         """Tidy what a killed attempt left in an unfinished phase. Returns the saved stats when the
-        attempt had already saved the phase's adapter (it only needs recording)."""
+        attempt had already saved the phase's adapter (it only needs recording). `tidy=False` (the
+        other ranks of a data-parallel run, after rank 0 tidied) only looks."""
         phase_dir = self.phase_dir(record)
+        adapter_dir = phase_dir / "adapter"
+        stats = saved_stats(phase_dir)
+        saved = (adapter_dir.exists() and stats is not None and stats.config_digest == record.config_digest
+                 and all((adapter_dir / n).is_file() for n in ADAPTER_FILES) and _digest_or_none(adapter_dir) == stats.final_digest)
+        if not tidy:
+            return stats if saved else None
         for leftover in phase_dir.glob(".adapter.tmp-*"):  # a save cut short by a kill
             shutil.rmtree(leftover, ignore_errors=True)
-        adapter_dir = phase_dir / "adapter"
-        if not adapter_dir.exists():
-            return None
-        stats = saved_stats(phase_dir)
-        if (stats is not None and stats.config_digest == record.config_digest
-                and all((adapter_dir / n).is_file() for n in ADAPTER_FILES) and _digest_or_none(adapter_dir) == stats.final_digest):
-            shutil.rmtree(self.trainer_dir(record), ignore_errors=True)
+        if saved:
             return stats
-        aside = self.move_derived_aside(record, "stale")
-        self.console.print(f"phase {record.index} '{record.name}': an unrecorded adapter from other settings was "
-                           f"moved to {aside}")
+        if adapter_dir.exists():
+            aside = self.move_derived_aside(record, "stale")
+            self.console.print(f"phase {record.index} '{record.name}': an unrecorded adapter from other settings was "
+                               f"moved to {aside}")
+            return None
+        self._check_attempt(record)
         return None
+
+    def _check_attempt(self, record: PhaseRecord) -> None:
+        """Trainer checkpoints and replay files carry no settings of their own: what an attempt left is
+        resumed only when its attempt.json names this phase's config_digest (run.json may be gone, or
+        the phase may have been dropped from the recipe and added back with other settings)."""
+        phase_dir = self.phase_dir(record)
+        try:
+            digest = json.loads((phase_dir / ATTEMPT).read_text()).get("config_digest")
+        except (OSError, ValueError, AttributeError):
+            digest = None
+        if digest == record.config_digest:
+            return
+        aside = self.move_derived_aside(record, "stale")
+        if aside is not None:
+            self.console.print(f"phase {record.index} '{record.name}': what an attempt under other (or unknown) "
+                               f"settings left was moved to {aside}")
+
+    def start_attempt(self, record: PhaseRecord) -> None:
+        write_atomic(self.phase_dir(record) / ATTEMPT, json.dumps({"config_digest": record.config_digest}) + "\n")
 
     def save_adapter(self, peft_model: Any, record: PhaseRecord, stats: TrainStats, log_history: list[dict],
                      template: Any = None) -> None:

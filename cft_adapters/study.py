@@ -42,6 +42,7 @@ from cft_adapters import report
 from cft_adapters.analysis.stats import paired_comparison, summarize
 from cft_adapters.errors import CftError, RecipeError
 from cft_adapters.manifest import RunManifest, dumps_canonical, package_versions
+from cft_adapters.rundir import claim
 from cft_adapters.util.fs import atomic_file, make_temp_dir, publish_dir, write_atomic
 from cft_adapters.recipe import PHASE_NAME, Recipe, _Strict, format_loc, load_recipe
 
@@ -319,9 +320,18 @@ def token_budgets(cells: list[Cell], console: Console) -> tuple[dict[int, dict[i
 
 
 def run_study(study_path: str | Path, console: Console, report_only: bool = False) -> bool:
-    """Run (or resume) every cell, then write the summary. Returns False when a cell failed."""
+    """Run (or resume) every cell, then write the summary. Returns False when a cell failed. One
+    process owns a study's output folder (its cells.json), as one owns a run directory."""
     study_path = Path(study_path)
     study = load_study(study_path)
+    lock = claim(Path(study.output_dir), str(study_path))
+    try:
+        return _run_study(study, study_path, console, report_only)
+    finally:
+        lock.release()
+
+
+def _run_study(study: Study, study_path: Path, console: Console, report_only: bool) -> bool:
     cells = load_cells(study, study_path)
     out = Path(study.output_dir)
     state_file = out / "cells.json"

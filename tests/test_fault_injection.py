@@ -35,6 +35,8 @@ FAULTS = [
     ("smoke", "before-record:2"),   # the adapter is saved, run.json does not say so yet
     ("gr10", "generation:2"),       # the replay pool is half generated
     ("gr10", "checkpoint:2:16"),    # replay resumes mid-phase, after a short batch
+    ("gr10", "adapter-save:2"),     # the pool is reused, nothing is left to train
+    ("gr10", "before-record:2"),    # saved with its replay record, not yet in run.json
 ]
 
 

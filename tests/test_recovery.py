@@ -182,6 +182,22 @@ def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys) -> None:
     assert "checkpoint-16: not resumable, optimizer.pt cannot be loaded" in out
     assert RunManifest.read(run).phases[1].train.resumed_from.endswith("checkpoint-8")
     assert not ckpt8.exists()  # the phase finished: its checkpoints are gone
+    damaged = list((run / P1).glob("damaged-checkpoint-16-*"))  # moved out of the trainer's way, kept
+    assert len(damaged) == 1 and (damaged[0] / "optimizer.pt").read_bytes() == b"garbage"
+
+
+def test_checkpoints_of_an_unknown_attempt_are_not_resumed_under_new_settings(tmp_path, capsys) -> None:
+    """run.json moved aside (as its error message suggests), then the recipe changed: the trainer
+    checkpoints on disk carry no settings, so attempt.json decides, and they are set aside."""
+    run = tmp_path / "run"
+    args = [str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]
+    assert _fault("checkpoint:2:8", args).returncode == -9
+    (run / "run.json").rename(tmp_path / "run.json.old")
+    assert main([*args, "phases[1].training.learning_rate=1e-3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "what an attempt under other (or unknown) settings left was moved to" in out
+    assert RunManifest.read(run).phases[2].train.resumed_from is None
+    assert list((run / P2).glob("stale-*/trainer/checkpoint-8"))
 
 
 def test_a_checkpoint_holding_nan_is_never_the_last_good_one(tmp_path) -> None:

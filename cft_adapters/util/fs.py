@@ -21,7 +21,15 @@ from cft_adapters.errors import CftError
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it (Linux reports it in /proc/self/status; setting and
+    restoring it would open a window in which another thread creates world-writable files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: the brief window errs on the private side
     os.umask(mask)
     return mask
 
