@@ -435,7 +435,7 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
         for i, phase in enumerate(phases):
             for key in ("placement", "replay", "training"):
                 if isinstance(phase, dict) and phase.get(key):
-                    problems.append((f"phases[{i}].{key}", f"not used with mixed_baseline: the single mixed phase "
+                    problems.append((f"phases[{i}].{key}", "not used with mixed_baseline: the single mixed phase "
                                      "takes the top-level training settings"))
     seen: dict[str, int] = {}
     for i, phase in enumerate(phases):
