@@ -86,3 +86,35 @@ class AdapterDtypeGuard(TrainerCallback):
             if expected is not None and p.dtype != expected:
                 raise RuntimeError(f"the adapter tensor {name} is {p.dtype} after the resume, {expected} before it; "
                                    f"the phase would train at another precision than an uninterrupted one")
+
+
+class SeededLengthGrouping(TrainerCallback):
+    """Length-grouped batches in an order that depends on (seed, epoch) alone.
+
+    transformers' LengthGroupedSampler draws its permutation from torch's global RNG, which a resumed
+    run restores only after it has drawn the resumed epoch's order: a resumed phase would see that
+    epoch's batches in another order. A generator of its own, reseeded at every epoch's start (before
+    the epoch's iterator is built), gives an uninterrupted and a resumed run the same order."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):  # noqa: ANN001
+        sampler = _length_grouped_sampler(train_dataloader)
+        if sampler is None:
+            raise RuntimeError("group_by_length: the train dataloader has no length-grouped sampler to seed")
+        sampler.generator = torch.Generator().manual_seed(self.seed * 1000 + int(state.epoch or 0))
+
+
+def _length_grouped_sampler(loader: Any) -> Any:
+    """The sampler inside accelerate's and torch's batch-sampler wrappers that groups by length."""
+    seen, todo = set(), [loader]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if type(obj).__name__ == "LengthGroupedSampler":
+            return obj
+        todo += [getattr(obj, name, None) for name in ("batch_sampler", "sampler", "base_dataloader")]
+    return None

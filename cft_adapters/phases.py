@@ -24,7 +24,7 @@ from rich.table import Table
 from transformers import TrainerCallback
 
 from cft_adapters import distributed, modeling, report
-from cft_adapters.callbacks import AdapterDtypeGuard, NonFiniteGuard, NonFiniteLossError, RichProgressCallback
+from cft_adapters.callbacks import AdapterDtypeGuard, NonFiniteGuard, SeededLengthGrouping, NonFiniteLossError, RichProgressCallback
 from cft_adapters.data import PhaseData, check_data, load_phase_data, truncate_tokenized
 from cft_adapters.errors import CftError, RunError
 from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
@@ -509,6 +509,8 @@ class PhaseRunner:
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(AdapterDtypeGuard(peft_model))  # after TRL's cast: the dtypes it trains at
+        if training.group_by_length:
+            trainer.add_callback(SeededLengthGrouping(training.seed))
         # The adapter the phase starts from, as the trainer will train it (TRL may have cast it).
         init_digest = modeling.tensors_digest(modeling.adapter_state(peft_model))
         if k > 1 and init_digest != self.manifest.phases[k - 1].train.final_digest:  # type: ignore[union-attr]

@@ -27,6 +27,8 @@ GR10 = SMOKE.parent / "smoke_gr10.yaml"
 RECIPES = {
     "smoke": [str(SMOKE), "eval.tasks=[]"],
     "gr10": [str(GR10), "eval.tasks=[]", "training.per_device_train_batch_size=6"],
+    # Length-grouped batches: the order of a resumed epoch must not depend on when the run stopped.
+    "grouped": [str(SMOKE), "eval.tasks=[]", "training.group_by_length=true", "training.save_steps=4"],
 }
 FAULTS = [
     ("smoke", "checkpoint:1:16"),   # phase 1 resumes from its step-16 checkpoint
@@ -37,6 +39,8 @@ FAULTS = [
     ("gr10", "checkpoint:2:16"),    # replay resumes mid-phase, after a short batch
     ("gr10", "adapter-save:2"),     # the pool is reused, nothing is left to train
     ("gr10", "before-record:2"),    # saved with its replay record, not yet in run.json
+    ("grouped", "checkpoint:1:12"),  # mid-epoch in the second epoch
+    ("grouped", "checkpoint:1:8"),   # exactly at an epoch boundary
 ]
 
 
