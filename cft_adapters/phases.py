@@ -168,8 +168,8 @@ class PhaseRunner:
                     raise RunError(self._mismatch_message(prior))
                 verify_adapter(self.run_dir, prior)  # a finished adapter is checked before anything uses it
                 records.append(prior)
-            elif prior is not None and k == 0:
-                records.append(prior)
+            elif prior is not None and (k == 0 or (prior.name == name and prior.config_digest == digest)):
+                records.append(prior)  # the base, or an unfinished phase under the same settings: its record goes on
             elif prior is not None and (prior.config_digest != digest or prior.name != name):
                 # What an unfinished phase derived from other settings (checkpoints, replay pool,
                 # placement, an unrecorded adapter) is moved aside together, never reused or deleted.
@@ -564,6 +564,7 @@ class PhaseRunner:
                 "file": str((phase_dir / REPLAY_FILE).relative_to(self.run_dir)),
                 "generation": pool.generation,
             }
+            self.manifest.write(self.run_dir)  # before the adapter is saved: a kill after it keeps this record
         if distributed.world_size() > 1:
             digests = distributed.gather(stats.final_digest)
             stats.world_size, stats.rank_digests = len(digests), digests

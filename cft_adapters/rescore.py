@@ -101,21 +101,11 @@ def rescore_run(
     phases: list[int] | None = None,
     allow_remote_code: bool = False,
 ) -> bool:
-    """Score phase 0 and every finished phase; True when every scoring succeeded."""
+    """Score phase 0 and every finished phase; True when every scoring succeeded. Everything is
+    checked before anything is written; then the run directory is locked (a cft-train or another
+    cft-eval writing run.json at the same time would lose records) and run.json read again."""
     run_dir = Path(run_dir)
-    checked_manifest(run_dir)
-    lock = RunLock(run_dir)  # cft-train or another cft-eval writing run.json meanwhile would lose records
-    lock.acquire()
-    try:
-        return _rescore(run_dir, console, tasks=tasks, limit=limit, batch_size=batch_size, base_precision=base_precision,
-                        phases=phases, allow_remote_code=allow_remote_code)
-    finally:
-        lock.release()
-
-
-def _rescore(run_dir: Path, console: Console, *, tasks: list[str] | None, limit: float | None, batch_size: int | None,
-             base_precision: str | None, phases: list[int] | None, allow_remote_code: bool) -> bool:
-    manifest = checked_manifest(run_dir)  # read under the lock
+    manifest = checked_manifest(run_dir)
     model_cfg, run_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
     updates = {k: v for k, v in {"tasks": tasks, "limit": limit, "batch_size": batch_size}.items() if v is not None}
     eval_cfg = run_cfg.model_copy(update=updates)
@@ -142,6 +132,19 @@ def _rescore(run_dir: Path, console: Console, *, tasks: list[str] | None, limit:
                 *(run_dir / r.dirname / "eval" for r in wanted),
                 *(run_dir / r.dirname / "eval" / label for r in wanted if label)):
         inside(run_dir, out)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        manifest = checked_manifest(run_dir)  # as it is now, under the lock
+        wanted = [manifest.phases[r.index] for r in wanted]
+        return _score(run_dir, console, manifest, wanted, model_cfg, eval_cfg, precision, settings, label, own)
+    finally:
+        lock.release()
+
+
+def _score(run_dir: Path, console: Console, manifest: RunManifest, wanted: list, model_cfg: ModelConfig,
+           eval_cfg: EvalConfig, precision: str, settings: dict, label: str | None, own: dict) -> bool:
+    report_name = f"report-{label}.md" if label else "report.md"
     cfg = eval_model_config(model_cfg, precision)
     path = modeling.resolve_model_path(cfg)
     console.print(f"[bold]loading base[/] {model_cfg.name_or_path} at {precision} (once, for all phases)")
