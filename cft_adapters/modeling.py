@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cft_adapters.errors import CftError
-from cft_adapters.fetch import WHEEL_MODELS, wheel_model_file
+from cft_adapters.wheels import WHEEL_MODELS, wheel_model_file
 from cft_adapters.hf_configs import bnb_config, compute_dtype, lora_config
 from cft_adapters.recipe import BUILTIN_PREFIX, AdapterConfig, ModelConfig
 from cft_adapters.util.fs import build_cached_dir

@@ -31,6 +31,7 @@ from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_mod
 from cft_adapters.hf_configs import sft_config
 from cft_adapters.manifest import RESOLVED_RECIPE, PhaseRecord, RunManifest, TrainStats, dumps_canonical, package_versions
 from cft_adapters.rundir import RunDirectory, last_good_checkpoint, read_manifest, verify_adapter
+from cft_adapters.scoring import eval_settings, record_evaluation, result_set_label  # noqa: F401  (re-exported)
 from cft_adapters.util.fs import write_atomic
 from cft_adapters.placement import (
     Placement,
@@ -44,7 +45,7 @@ from cft_adapters.placement import (
     select_layers_spectrum,
     spectrum_scan,
 )
-from cft_adapters.recipe import EvalConfig, PlacementConfig, Recipe, ReplayConfig, TrainingConfig, dump_recipe, format_loc
+from cft_adapters.recipe import PlacementConfig, Recipe, ReplayConfig, TrainingConfig, dump_recipe, format_loc
 from cft_adapters.replay import REPLAY_FILE, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
 from cft_adapters.tiny import cache_dir
 
@@ -83,25 +84,6 @@ def _content(src: Any) -> dict[str, Any] | None:
 
     fingerprint = source_fingerprint(src)
     return None if fingerprint.get("kind") == "hub" and not fingerprint.get("resolved") else fingerprint
-
-
-def eval_settings(eval_cfg: EvalConfig, precision: str) -> dict[str, Any]:
-    """What makes two scorings of a checkpoint comparable (the task list aside: tasks add up)."""
-    limit = eval_cfg.limit
-    if limit is not None and limit >= 1 and float(limit).is_integer():
-        limit = int(limit)  # a count of examples (below 1 it is a fraction)
-    return {"limit": limit, "num_fewshot": eval_cfg.num_fewshot, "batch_size": eval_cfg.batch_size,
-            "apply_chat_template": eval_cfg.apply_chat_template, "base_precision": precision}
-
-
-def result_set_label(settings: dict[str, Any], run_settings: dict[str, Any]) -> str:
-    """A readable name for scores made under other settings than the run's own, from what differs:
-    e.g. 'limit8-fp32' for --limit 8 --base-precision fp32."""
-    short = {"limit": "limit{}", "num_fewshot": "{}shot", "batch_size": "bs{}", "base_precision": "{}",
-             "apply_chat_template": "chat{}"}
-    parts = [short.get(key, key + "{}").format(value) for key, value in settings.items() if run_settings.get(key) != value]
-    label = "-".join(parts) or "rescored"
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label.lower())
 
 
 def _peak_memory_mb() -> tuple[float, str]:
@@ -661,46 +643,6 @@ def check_placements(recipe: Recipe, source: str) -> None:
                 problems.append(f"{source}: phases[{i}].placement: {exc}")
     if problems:
         raise CftError(problems)
-
-
-def record_evaluation(
-    manifest: RunManifest, record: PhaseRecord, scorer: CheckpointScorer, adapter_dir: Path | None,
-    run_dir: Path, console: Console, settings: dict[str, Any] | None = None, label: str | None = None,
-) -> None:
-    """Score one checkpoint into phase_k_<name>/eval/ and run.json. A failing task marks the
-    phase's evaluation failed (the adapter is untouched; `cft-eval` can retry).
-
-    Without `label` the scores are the run's own (`record.eval`); scores made under other `settings`
-    than the recorded ones replace them rather than merge into them. With `label` they go to the
-    labelled set `record.eval_sets[label]` (files in eval/<label>/), never into the run's own."""
-    from cft_adapters.manifest import EvalSet
-
-    target: Any = record
-    out_dir = run_dir / record.dirname / "eval"
-    if label is not None:
-        prior = record.eval_sets.get(label)
-        target = prior if prior is not None and prior.settings == settings else EvalSet(settings=settings or {})
-        record.eval_sets[label] = target
-        out_dir = out_dir / label
-    try:
-        outcome = scorer.score(adapter_dir, out_dir)
-    except Exception as exc:  # lm-eval and the datasets it loads raise anything; keep the run going
-        target.eval_status, target.eval_error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
-        manifest.write(run_dir)
-        console.print(f"[red]phase {record.index} '{record.name}': evaluation failed[/]: {target.eval_error}"
-                      f"\n  the checkpoint is kept; retry with: cft-eval {run_dir}")
-        return
-    if label is None:
-        if settings is not None and record.eval_settings not in (None, settings):
-            record.eval, record.eval_groups, record.eval_tasks = {}, {}, []
-        record.eval_settings = settings if settings is not None else record.eval_settings
-    target.eval = {**target.eval, **outcome.metrics}
-    target.eval_groups = {**target.eval_groups, **outcome.groups}
-    target.eval_seconds = outcome.seconds
-    target.eval_files.append(str(outcome.results_file.relative_to(run_dir)))
-    target.eval_tasks = sorted(set(target.eval_tasks) | set(scorer.eval_cfg.tasks))
-    target.eval_status, target.eval_error = "done", None
-    manifest.write(run_dir)
 
 
 def summary_table(manifest: RunManifest) -> Table:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from cft_adapters.errors import CftError
-from cft_adapters.recipe import PlacementConfig
+from cft_adapters.recipe import PlacementConfig, parse_layers  # noqa: F401  (parse_layers: also used here)
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -57,27 +57,6 @@ class Placement:
 
 
 # -- choosing -------------------------------------------------------------------------------------
-
-
-def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[int]:
-    """'0-7,12' or [0, 1] -> sorted unique indices, checked against num_layers when known."""
-    if isinstance(spec, list):
-        layers = list(spec)
-    else:
-        layers = []
-        for part in (p.strip() for p in spec.split(",")):
-            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-            if not match:
-                raise ValueError(f"cannot read layer range '{part}' (expected e.g. '0-7,12')")
-            lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
-            if hi < lo:
-                raise ValueError(f"layer range '{part}' runs backwards")
-            layers.extend(range(lo, hi + 1))
-    if num_layers is not None:
-        bad = [i for i in layers if i < 0 or i >= num_layers]
-        if bad:
-            raise ValueError(f"layer(s) {bad} out of range: the model has layers 0-{num_layers - 1}")
-    return sorted(set(layers))
 
 
 def explicit_frozen(cfg: PlacementConfig, num_layers: int | None) -> list[int]:

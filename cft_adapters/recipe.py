@@ -395,6 +395,28 @@ class Recipe(_Strict):
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[int]:
+    """'0-7,12' or [0, 1] -> sorted unique indices, checked against num_layers when known."""
+    if isinstance(spec, list):
+        layers = list(spec)
+    else:
+        layers = []
+        for part in (p.strip() for p in spec.split(",")):
+            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not match:
+                raise ValueError(f"cannot read layer range '{part}' (expected e.g. '0-7,12')")
+            lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+            if hi < lo:
+                raise ValueError(f"layer range '{part}' runs backwards")
+            layers.extend(range(lo, hi + 1))
+    if num_layers is not None:
+        bad = [i for i in layers if i < 0 or i >= num_layers]
+        if bad:
+            raise ValueError(f"layer(s) {bad} out of range: the model has layers 0-{num_layers - 1}")
+    return sorted(set(layers))
+
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge (`extends`), override and validate a recipe. Raises RecipeError listing every problem."""
     path = Path(path)
@@ -458,8 +480,6 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append((f"phases[{i}].placement.strategy", "'most_changed' ranks layers by an earlier trained "
                              "phase's adapter change, and this is the first phase"))
         if isinstance(placement, dict) and isinstance(placement.get("layers"), str):
-            from cft_adapters.placement import parse_layers
-
             try:
                 parse_layers(placement["layers"])
             except ValueError as exc:

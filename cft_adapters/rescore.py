@@ -21,7 +21,8 @@ from cft_adapters.evaluation import CheckpointScorer, eval_model_config, trainin
 from cft_adapters.manifest import MANIFEST, RESOLVED_RECIPE, RunManifest
 from cft_adapters.rundir import inside, verify_adapter
 from cft_adapters.util.fs import RunLock
-from cft_adapters.phases import eval_settings, read_manifest, record_evaluation, result_set_label
+from cft_adapters.rundir import read_manifest
+from cft_adapters.scoring import eval_settings, record_evaluation, result_set_label
 from cft_adapters.recipe import PHASE_NAME  # the recipe schema's rule for phases[].name
 from cft_adapters.recipe import EvalConfig, ModelConfig
 

@@ -155,7 +155,7 @@ def test_cft_eval_on_a_subset_with_other_settings_is_a_separate_labelled_set(smo
 
 
 def test_result_set_label_names_what_differs() -> None:
-    from cft_adapters.phases import result_set_label
+    from cft_adapters.scoring import result_set_label
 
     own = {"limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": True, "base_precision": "nf4"}
     assert result_set_label({**own, "limit": 8, "base_precision": "fp32"}, own) == "limit8-fp32"
