@@ -112,7 +112,7 @@ def test_mini_sets_sizes_parallel_ids_and_no_eval_item_in_training() -> None:
     trained = {r["instruction"] for rows in sets.values() for r in rows}
     eval_rows = {p.stem: _rows(p) for p in evals.glob("*.jsonl")}
     held_out = [r.get("prompt") or r.get("question") for rows in eval_rows.values() for r in rows]
-    assert len(eval_rows["en_mc"]) == 85 and all(len(eval_rows[f"ml_{l}"]) >= 50 for l in ("fr", "es", "de"))
+    assert len(eval_rows["en_mc"]) == 85 and all(len(eval_rows[f"ml_{lang}"]) >= 50 for lang in ("fr", "es", "de"))
     assert not trained & set(held_out)
 
 
