@@ -33,18 +33,7 @@ from cft_adapters.manifest import RESOLVED_RECIPE, PhaseRecord, RunManifest, Tra
 from cft_adapters.rundir import RunDirectory, last_good_checkpoint, read_manifest, verify_adapter
 from cft_adapters.scoring import eval_settings, record_evaluation, result_set_label  # noqa: F401  (re-exported)
 from cft_adapters.util.fs import write_atomic
-from cft_adapters.placement import (
-    Placement,
-    apply_placement,
-    count_to_freeze,
-    explicit_frozen,
-    layer_delta_norms,
-    random_seed,
-    select_layers_most_changed,
-    select_layers_random,
-    select_layers_spectrum,
-    spectrum_scan,
-)
+from cft_adapters.placement import Placement, PlacementInputs, apply_placement, choose_placement, layer_delta_norms, spectrum_scan
 from cft_adapters.recipe import PlacementConfig, Recipe, ReplayConfig, TrainingConfig, dump_recipe, format_loc
 from cft_adapters.replay import REPLAY_FILE, ReplayCollator, ReplayPool, ReplayPositionCallback, build_pool
 from cft_adapters.tiny import cache_dir
@@ -254,38 +243,20 @@ class PhaseRunner:
 
     def _decide_placement(self, k: int) -> Placement | None:
         cfg = self.phases[k - 1].placement
-        if cfg is None or cfg.strategy == "none":
+        if cfg is None:
             return None
         num_layers = self.model.base.config.get_text_config().num_hidden_layers
-        where = f"{self.recipe_path}: phases[{k - 1}].placement"
-        try:
-            return self._choose(k, cfg, num_layers)
-        except ValueError as exc:
-            raise CftError(f"{where}: {exc}") from None
-
-    def _choose(self, k: int, cfg: PlacementConfig, num_layers: int) -> Placement:
         modules = list(cfg.modules) if cfg.modules else None
-        scores: dict[int, float] = {}
-        detail: dict[str, Any] = {}
-        score_name = None
-        if cfg.strategy == "explicit":
-            frozen = explicit_frozen(cfg, num_layers)
-        else:
-            n = count_to_freeze(cfg, num_layers)
-            if cfg.strategy == "random":
-                seed = random_seed(cfg, self.recipe.phase_training(k - 1).seed)
-                frozen, detail = select_layers_random(num_layers, n, seed), {"seed": seed}
-            elif cfg.strategy == "most_changed":
-                scores, detail = self._adapter_change_scores(k, cfg, num_layers, modules)
-                frozen, score_name = select_layers_most_changed(scores, n), "adapter_update_change_fro"
-            else:
-                scan = spectrum_scan(self.model.base, modules or list(self.recipe.adapter.target_modules),
-                                     f"{self.base_path}|{self.recipe.model.quantization}", cache_dir())
-                scores = {int(layer): value for layer, value in scan["snr"].items()}
-                frozen, score_name = select_layers_spectrum(scores, n), "snr"
-                detail = {"scan_seconds": scan["seconds"], "cache": "spectrum/"}
-        trainable = [i for i in range(num_layers) if i not in frozen]
-        return Placement(cfg.strategy, num_layers, frozen, trainable, modules, score_name, scores, detail)
+        inputs = PlacementInputs(
+            cfg, num_layers, self.recipe.phase_training(k - 1).seed, modules,
+            spectrum=lambda: spectrum_scan(self.model.base, modules or list(self.recipe.adapter.target_modules),
+                                           f"{self.base_path}|{self.recipe.model.quantization}", cache_dir()),
+            adapter_change=lambda: self._adapter_change_scores(k, cfg, num_layers, modules),
+        )
+        try:
+            return choose_placement(inputs)
+        except ValueError as exc:
+            raise CftError(f"{self.recipe_path}: phases[{k - 1}].placement: {exc}") from None
 
     def _adapter_change_scores(
         self, k: int, cfg: PlacementConfig, num_layers: int, modules: list[str] | None

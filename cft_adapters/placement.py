@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -208,19 +209,98 @@ def apply_placement(peft_model: Any, placement: Placement | None) -> int:
     return total
 
 
+# -- the strategies ---------------------------------------------------------------------------
+#
+# Every value of PlacementConfig.strategy has exactly one entry here (a test checks the keys against
+# the schema's Literal): a new strategy is an entry, and a schema value without one fails that test
+# instead of falling through to another strategy.
+
+
+@dataclass
+class PlacementInputs:
+    """What a strategy may read when the phase starts. The runner fills it; the evidence that costs
+    something (a Spectrum scan of the base, an earlier adapter's change) is computed only on demand."""
+
+    cfg: PlacementConfig
+    num_layers: int
+    seed: int  # the phase's training seed
+    modules: list[str] | None
+    spectrum: Callable[[], dict[str, Any]] | None = None  # spectrum_scan of the base, cached
+    adapter_change: Callable[[], tuple[dict[int, float], dict[str, Any]]] | None = None  # LF_H2 evidence
+
+
+Choice = tuple[list[int], dict[int, float], "str | None", dict[str, Any]]  # frozen, scores, score name, detail
+
+
+@dataclass(frozen=True)
+class Strategy:
+    needs_count: bool  # 'fraction' or 'count' says how many layers to freeze
+    needs_reference: bool  # reads an earlier trained phase of the run
+    choose: Callable[[PlacementInputs], Choice] | None  # None: no placement at all
+    dry_run: Callable[[PlacementConfig, int | None, int], str]  # what --dry-run can say before training
+    summary: str
+
+
+def _explicit(x: PlacementInputs) -> Choice:
+    return explicit_frozen(x.cfg, x.num_layers), {}, None, {}
+
+
+def _random(x: PlacementInputs) -> Choice:
+    seed = random_seed(x.cfg, x.seed)
+    return select_layers_random(x.num_layers, count_to_freeze(x.cfg, x.num_layers), seed), {}, None, {"seed": seed}
+
+
+def _most_changed(x: PlacementInputs) -> Choice:
+    assert x.adapter_change is not None
+    scores, detail = x.adapter_change()
+    return select_layers_most_changed(scores, count_to_freeze(x.cfg, x.num_layers)), scores, "adapter_update_change_fro", detail
+
+
+def _spectrum(x: PlacementInputs) -> Choice:
+    assert x.spectrum is not None
+    scan = x.spectrum()
+    scores = {int(layer): value for layer, value in scan["snr"].items()}
+    frozen = select_layers_spectrum(scores, count_to_freeze(x.cfg, x.num_layers))
+    return frozen, scores, "snr", {"scan_seconds": scan["seconds"], "cache": "spectrum/"}
+
+
+def _later(cfg: PlacementConfig, num_layers: int | None, seed: int) -> str:
+    if num_layers is None:
+        return f"{cfg.strategy} (layer count unknown until the model config is available)"
+    return f"{cfg.strategy}: freeze {count_to_freeze(cfg, num_layers)} of {num_layers} layers (chosen when the phase starts)"
+
+
+def _random_now(cfg: PlacementConfig, num_layers: int | None, seed: int) -> str:
+    if num_layers is None:
+        return _later(cfg, num_layers, seed)
+    return f"random: freeze {select_layers_random(num_layers, count_to_freeze(cfg, num_layers), random_seed(cfg, seed))}"
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "none": Strategy(False, False, None, lambda cfg, n, seed: "none", "no freezing: every layer trains"),
+    "explicit": Strategy(False, False, _explicit, lambda cfg, n, seed: f"explicit: freeze {explicit_frozen(cfg, n)}",
+                         "freeze the listed layers"),
+    "random": Strategy(True, False, _random, _random_now, "LF_H1: freeze a seeded random set of layers"),
+    "most_changed": Strategy(True, True, _most_changed, _later,
+                             "LF_H2: freeze the layers whose adapter update changed most in an earlier phase"),
+    "spectrum": Strategy(True, False, _spectrum, _later, "Spectrum: freeze the layers with the lowest weight SNR"),
+}
+
+
+def choose_placement(x: PlacementInputs) -> Placement | None:
+    """The phase's placement by its strategy's rule (None for 'none')."""
+    strategy = STRATEGIES[x.cfg.strategy]
+    if strategy.choose is None:
+        return None
+    frozen, scores, score_name, detail = strategy.choose(x)
+    trainable = [i for i in range(x.num_layers) if i not in frozen]
+    return Placement(x.cfg.strategy, x.num_layers, frozen, trainable, x.modules, score_name, scores, detail)
+
+
 def describe_for_dry_run(cfg: PlacementConfig, num_layers: int | None, seed: int) -> str:
     """What --dry-run can say without training: the layers for explicit/random, the rule otherwise."""
-    if cfg.strategy == "none":
-        return "none"
     try:
-        if cfg.strategy == "explicit":
-            return f"explicit: freeze {explicit_frozen(cfg, num_layers)}"
-        if num_layers is None:
-            return f"{cfg.strategy} (layer count unknown until the model config is available)"
-        n = count_to_freeze(cfg, num_layers)
-        if cfg.strategy == "random":
-            return f"random: freeze {select_layers_random(num_layers, n, random_seed(cfg, seed))}"
-        return f"{cfg.strategy}: freeze {n} of {num_layers} layers (chosen when the phase starts)"
+        return STRATEGIES[cfg.strategy].dry_run(cfg, num_layers, seed)
     except ValueError as exc:
         raise CftError(str(exc)) from None
 

@@ -205,10 +205,8 @@ def build_pool(
                 move_aside(stale, "stale")
         console.print(f"{where}: the replay pool in {phase_dir} was built under other settings; moved aside "
                       f"({REPLAY_FILE}.stale-*), building a new one")
-    if cfg.kind == "generative":
-        pool = _generative_pool(cfg, where, phase_examples, seed, model, tokenizer, source_model, console)
-    else:
-        pool = _real_pool(cfg, where, phase_examples, seed, earlier_sources)
+    inputs = PoolInputs(cfg, where, phase_examples, seed, model, tokenizer, source_model, earlier_sources, console)
+    pool = KINDS[cfg.kind].build(inputs)
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool.rows))
     write_atomic(meta_path, json.dumps({"kind": pool.kind, "key": key, "generation": pool.generation}, indent=2) + "\n")
     return pool
@@ -220,6 +218,43 @@ def _read_meta(path: Path) -> dict[str, Any]:
         return meta if isinstance(meta, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+@dataclass
+class PoolInputs:
+    """What a replay kind may use to build its pool."""
+
+    cfg: ReplayConfig
+    where: str  # the key path, for messages
+    phase_examples: int
+    seed: int
+    model: Any  # the model as phase k-1 left it (it answers generative prompts)
+    tokenizer: Any
+    source_model: str
+    earlier_sources: list[DatasetSource]  # the earlier phases' data (real replay without a source)
+    console: Any
+
+
+@dataclass(frozen=True)
+class ReplayKind:
+    build: Any  # Callable[[PoolInputs], ReplayPool]
+    summary: str
+
+
+def _build_generative(x: PoolInputs) -> ReplayPool:
+    return _generative_pool(x.cfg, x.where, x.phase_examples, x.seed, x.model, x.tokenizer, x.source_model, x.console)
+
+
+def _build_real(x: PoolInputs) -> ReplayPool:
+    return _real_pool(x.cfg, x.where, x.phase_examples, x.seed, x.earlier_sources)
+
+
+# One entry per value of ReplayConfig.kind (a test checks the keys against the schema's Literal): a
+# new kind is an entry here, never a fall-through to another kind.
+KINDS: dict[str, ReplayKind] = {
+    "generative": ReplayKind(_build_generative, "GR: the phase k-1 model answers English prompts; its answers are replayed"),
+    "real": ReplayKind(_build_real, "ER: real English examples (a source, or the earlier phases' data) are replayed"),
+}
 
 
 def _generative_pool(

@@ -1,0 +1,43 @@
+"""Every value the recipe schema allows for an extension point has exactly one registry entry: a
+value added to the schema without an entry fails here, instead of falling through at run time."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from cft_adapters.placement import STRATEGIES
+from cft_adapters.recipe import PlacementConfig, RecipeError, ReplayConfig, load_recipe
+from cft_adapters.replay import KINDS
+
+from conftest import SMOKE
+
+
+def _literal(model: type, field: str) -> set[str]:
+    return set(typing.get_args(model.model_fields[field].annotation))
+
+
+def test_placement_strategies_match_the_schema() -> None:
+    assert set(STRATEGIES) == _literal(PlacementConfig, "strategy")
+
+
+def test_replay_kinds_match_the_schema() -> None:
+    assert set(KINDS) == _literal(ReplayConfig, "kind")
+
+
+@pytest.mark.parametrize("name", sorted(s for s, v in STRATEGIES.items() if v.needs_count))
+def test_strategies_that_need_a_count_are_refused_without_one(name: str) -> None:
+    """The registry's needs_count and the schema's cross-key rule say the same thing."""
+    ref = "phases[1].placement.reference_phase=english" if STRATEGIES[name].needs_reference else "description=x"
+    with pytest.raises(RecipeError, match="exactly one of 'fraction' and 'count'"):
+        load_recipe(SMOKE, [f"phases[1].placement={{strategy: {name}}}", ref])
+    load_recipe(SMOKE, [f"phases[1].placement={{strategy: {name}, count: 1}}", ref])
+
+
+def test_a_strategy_without_an_entry_is_an_error_not_another_strategy() -> None:
+    from cft_adapters.placement import PlacementInputs, choose_placement
+
+    cfg = PlacementConfig(strategy="random", count=1).model_copy(update={"strategy": "made_up"})
+    with pytest.raises(KeyError, match="made_up"):
+        choose_placement(PlacementInputs(cfg, num_layers=4, seed=0, modules=None))
