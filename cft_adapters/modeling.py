@@ -294,11 +294,15 @@ def adapter_dtype_kept_on_reload(peft_model: Any) -> Iterator[None]:
     `autocast_adapter_dtype=False`). The Trainer resumes a PEFT model from a checkpoint through that
     method, before it builds the optimizer and wraps the model for data parallelism: the resumed
     phase then trains at the dtype the checkpoint was saved at, as an uninterrupted one does."""
+    before = vars(peft_model).get("load_adapter")
     peft_model.load_adapter = functools.partial(type(peft_model).load_adapter, peft_model, autocast_adapter_dtype=False)
     try:
         yield
     finally:
-        del peft_model.load_adapter
+        if before is None:
+            del peft_model.load_adapter
+        else:
+            peft_model.load_adapter = before
 
 
 def load_adapter_weights(peft_model: Any, adapter_dir: Path) -> None:

@@ -127,7 +127,7 @@ class PhaseRunner:
         self.rundir.lock(self.recipe_path)  # held to the end of run(): one process owns a run directory
         old = read_manifest(self.run_dir)
         precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
-        if old is not None and self.recipe.eval.tasks:
+        if old is not None:  # even with eval.tasks: [] the resolved recipe would claim the new settings
             self._refuse_other_eval_settings(old, eval_settings(self.recipe.eval, precision))
         records = []
         for k in range(len(self.phases) + 1):

@@ -109,20 +109,30 @@ def rescore_run(
     manifest = checked_manifest(run_dir)
     model_cfg, run_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
     updates = {k: v for k, v in {"tasks": tasks, "limit": limit, "batch_size": batch_size}.items() if v is not None}
-    eval_cfg = run_cfg.model_copy(update=updates)
+    try:  # validated like the recipe's own eval section (a negative or nan --limit is an error)
+        eval_cfg = EvalConfig.model_validate({**run_cfg.model_dump(), **updates})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     if not eval_cfg.tasks:
         raise CftError("no tasks to score: pass --tasks (the run's recipe has eval.tasks: [])")
     problems = unknown_tasks(eval_cfg.tasks)
     if problems:
         raise CftError([p.replace("eval.tasks", "--tasks") for p in problems])
-    wanted = [r for r in manifest.phases if (r.index == 0 or r.status == "done") and (phases is None or r.index in phases)]
+    wanted = _wanted(manifest, phases)
     if phases is not None and {r.index for r in wanted} != set(phases):
         raise CftError(f"--phases: only phase 0 and finished phases can be scored (finished: "
                        f"{[r.index for r in manifest.phases if r.status == 'done']})")
+    for record in wanted:  # every adapter is checked before anything is written or loaded
+        if record.checkpoint:
+            verify_adapter(run_dir, record)
 
     run_precision = eval_cfg.base_precision or training_precision(model_cfg)
     precision = base_precision or run_precision
-    own = eval_settings(run_cfg, run_precision)
+    # The run's own settings are those its scores were made with (recorded per phase); the recipe's
+    # eval section only for a run scored before settings were recorded.
+    recorded = [r.eval_settings for r in manifest.phases if r.eval_status == "done" and r.eval_settings]
+    own = recorded[0] if recorded else eval_settings(run_cfg, run_precision)
     settings = eval_settings(eval_cfg, precision)
     # Scores under the run's own settings join its record and report.md; under any other settings
     # they form a labelled result set (eval/<label>/, report-<label>.md): never mixed with the run's.
@@ -133,18 +143,31 @@ def rescore_run(
                 *(run_dir / r.dirname / "eval" for r in wanted),
                 *(run_dir / r.dirname / "eval" / label for r in wanted if label)):
         inside(run_dir, out)
+    # The report covers every task of its result set, not only this call's.
+    earlier = [t for r in manifest.phases for t in ((r.eval_sets[label].eval_tasks if label in r.eval_sets else [])
+                                                    if label else run_cfg.tasks)]
+    report_tasks = list(dict.fromkeys([*earlier, *eval_cfg.tasks]))
     lock = RunLock(run_dir)
     lock.acquire()
     try:
-        manifest = checked_manifest(run_dir)  # as it is now, under the lock
-        wanted = [manifest.phases[r.index] for r in wanted]
-        return _score(run_dir, console, manifest, wanted, model_cfg, eval_cfg, precision, settings, label, own)
+        checked = [(r.index, r.checkpoint, r.train.final_digest if r.train else None) for r in wanted]
+        manifest = checked_manifest(run_dir)  # as it is now, under the lock: it must say what was checked
+        wanted = _wanted(manifest, phases)
+        if [(r.index, r.checkpoint, r.train.final_digest if r.train else None) for r in wanted] != checked:
+            raise CftError(f"{run_dir / MANIFEST}: changed while cft-eval was checking it; run cft-eval again")
+        return _score(run_dir, console, manifest, wanted, model_cfg, eval_cfg, precision, settings, label, own,
+                      report_tasks)
     finally:
         lock.release()
 
 
+def _wanted(manifest: RunManifest, phases: list[int] | None) -> list:
+    return [r for r in manifest.phases if (r.index == 0 or r.status == "done") and (phases is None or r.index in phases)]
+
+
 def _score(run_dir: Path, console: Console, manifest: RunManifest, wanted: list, model_cfg: ModelConfig,
-           eval_cfg: EvalConfig, precision: str, settings: dict, label: str | None, own: dict) -> bool:
+           eval_cfg: EvalConfig, precision: str, settings: dict, label: str | None, own: dict,
+           report_tasks: list[str]) -> bool:
     report_name = f"report-{label}.md" if label else "report.md"
     cfg = eval_model_config(model_cfg, precision)
     path = modeling.resolve_model_path(cfg)
@@ -155,14 +178,12 @@ def _score(run_dir: Path, console: Console, manifest: RunManifest, wanted: list,
     scorer = CheckpointScorer(eval_cfg, modeling.load_tokenizer(cfg, path), modeling.load_base_model(cfg, path))
     for record in wanted:
         adapter_dir = inside(run_dir, run_dir / record.checkpoint) if record.checkpoint else None
-        if adapter_dir is not None:
-            verify_adapter(run_dir, record)
         console.print(f"phase {record.index} '{record.name}': evaluating {', '.join(eval_cfg.tasks)}")
         record_evaluation(manifest, record, scorer, adapter_dir, run_dir, console, settings, label)
     if label is None:
         manifest.eval_base_precision = precision
         manifest.write(run_dir)
-    console.print(*report.rich_tables(manifest, eval_cfg.tasks, settings, label))
-    console.print(f"report: {report.write_report(run_dir, manifest, eval_cfg.tasks, settings, label)}")
+    console.print(*report.rich_tables(manifest, report_tasks, settings, label))
+    console.print(f"report: {report.write_report(run_dir, manifest, report_tasks, settings, label)}")
     scored = [r.eval_sets[label] if label else r for r in wanted]
     return all(s.eval_status == "done" for s in scored)

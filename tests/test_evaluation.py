@@ -160,3 +160,32 @@ def test_result_set_label_names_what_differs() -> None:
     own = {"limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": True, "base_precision": "nf4"}
     assert result_set_label({**own, "limit": 8, "base_precision": "fp32"}, own) == "limit8-fp32"
     assert result_set_label({**own, "num_fewshot": 5}, own) == "5shot"
+
+
+def test_changed_eval_settings_are_refused_even_without_tasks(smoke_run: Path, tmp_path: Path, capsys) -> None:
+    """With eval.tasks: [] nothing is scored, but the resolved recipe would still claim limit 2."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    resolved = (run / "recipe.resolved.yaml").read_bytes()
+    assert main([str(SMOKE), f"output_dir={run}", "eval.tasks=[]", "eval.limit=2"]) == 1
+    assert "eval.limit: None -> 2" in capsys.readouterr().err
+    assert (run / "recipe.resolved.yaml").read_bytes() == resolved
+
+
+def test_cft_eval_on_some_tasks_keeps_the_report_whole_and_checks_its_options(smoke_run: Path, tmp_path: Path,
+                                                                              capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    assert eval_main([str(run), "--tasks", "cft_smoke_en", "--phases", "0"]) == 0  # the run's own settings
+    report = (run / "report.md").read_text()
+    assert "cft_smoke_ml_fr" in report  # the report still covers every task of the run, not this call's
+    assert RunManifest.read(run).phases[0].eval_sets == {}
+    capsys.readouterr()
+    assert eval_main([str(run), "--limit", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("--limit:") and "Traceback" not in err
+    assert not list(run.glob("report-*.md"))

@@ -176,9 +176,13 @@ class RunLock:
         except Timeout:
             raise CftError(f"{self.run_dir}: in use by {self.holder()} (lock {self.run_dir / self.LOCK}); "
                            f"one process owns a run directory. Wait for it, or use another output_dir.") from None
+        try:
+            write_atomic(self.run_dir / self.HOLDER, json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        except BaseException:
+            self._lock.release()
+            raise
         RunLock._held.add(str(self.run_dir.resolve()))
-        write_atomic(self.run_dir / self.HOLDER, json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
     def holder(self) -> str:
         try:
