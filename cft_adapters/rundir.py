@@ -19,7 +19,7 @@ from typing import Any
 
 from cft_adapters.errors import CftError, RunError
 from cft_adapters.manifest import MANIFEST, ManifestError, PhaseRecord, RunManifest, TrainStats
-from cft_adapters.util.fs import RunLock, fsync_path, make_temp_dir, publish_dir, write_atomic
+from cft_adapters.util.fs import RunLock, fsync_path, make_temp_dir, publish_dir, stamped_path, write_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAIN_STATS = "train.json"
@@ -144,8 +144,8 @@ def last_good_checkpoint(trainer_dir: Path, console: Any = None, move_damaged: b
         problem = checkpoint_problem(path)
         if problem is None:
             return str(path)
-        aside = trainer_dir.parent / f"damaged-checkpoint-{step}-{_stamp()}"
-        if move_damaged and is_main() and not aside.exists():
+        aside = stamped_path(trainer_dir.parent, f"damaged-checkpoint-{step}")
+        if move_damaged and is_main():
             path.rename(aside)
         if console is not None:
             moved = f"; moved to {aside}" if aside.exists() else ""
@@ -216,10 +216,7 @@ class RunDirectory:
         present = [phase_dir / name for name in DERIVED if (phase_dir / name).exists()]
         if not present:
             return None
-        aside, n = phase_dir / f"{reason}-{_stamp()}", 1
-        while aside.exists():
-            n += 1
-            aside = phase_dir / f"{reason}-{_stamp()}-{n}"
+        aside = stamped_path(phase_dir, reason)
         aside.mkdir(parents=True)
         for path in present:
             path.rename(aside / path.name)
@@ -303,9 +300,3 @@ def _digest_or_none(adapter_dir: Path) -> str | None:
         return _adapter_digest(adapter_dir)
     except Exception:  # a damaged file is simply not the saved adapter
         return None
-
-
-def _stamp() -> str:
-    import time
-
-    return time.strftime("%Y%m%d-%H%M%S")

@@ -103,14 +103,19 @@ def publish_dir(tmp: Path, target: Path) -> None:
     fsync_path(target.parent)
 
 
+def stamped_path(parent: Path, stem: str) -> Path:
+    """`parent/<stem>-<timestamp>`, with `-2`, `-3`... appended when that name is taken."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = parent / f"{stem}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = parent / f"{stem}-{stamp}-{n}"
+    return path
+
+
 def move_aside(path: Path, reason: str) -> Path:
     """Rename `path` to `<name>.<reason>-<timestamp>` beside it; never deletes. Returns the new path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = path.with_name(f"{path.name}.{reason}-{stamp}")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{path.name}.{reason}-{stamp}-{n}")
+    aside = stamped_path(path.parent, f"{path.name}.{reason}")
     os.rename(path, aside)
     return aside
 
