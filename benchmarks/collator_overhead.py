@@ -40,9 +40,8 @@ def main() -> int:
     from cft_adapters.data import load_phase_data
     from cft_adapters.hf_configs import sft_config
     from cft_adapters.modeling import load_base_model, load_tokenizer, new_adapter, resolve_model_path
-    from cft_adapters.phases import PhaseRunner
     from cft_adapters.recipe import load_recipe
-    from cft_adapters.replay import build_pool
+    from cft_adapters.replay import attach_replay, build_pool
 
     transformers.utils.logging.set_verbosity_error()
     recipe = load_recipe(REPO / "recipes" / "smoke_er10.yaml", [f"training.max_steps={args.steps}", "training.save_steps=100000"])
@@ -59,7 +58,7 @@ def main() -> int:
                              train_dataset=data.for_trainer(), processing_class=tok)
         trainer.remove_callback(PrinterCallback)
         if with_replay:
-            PhaseRunner._attach_replay(trainer, pool, recipe.phases[1].replay, recipe.phase_training(1))
+            attach_replay(trainer, pool, recipe.phases[1].replay, recipe.phase_training(1))
         started = time.perf_counter()
         trainer.train()
         return trainer.state.global_step / (time.perf_counter() - started)

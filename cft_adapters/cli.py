@@ -304,7 +304,10 @@ def analyze_main(argv: list[str] | None = None) -> int:
             return 0
         from cft_adapters.analysis.mpd import DEFAULT_TOKEN_BUDGET, model_parameter_difference, plot_mpd
 
-        result = model_parameter_difference(recipe, a, b, args.token_budget or DEFAULT_TOKEN_BUDGET, console)
+        from cft_adapters.phases import PhaseRunner
+
+        result = model_parameter_difference(recipe, a, b, args.token_budget or DEFAULT_TOKEN_BUDGET, console,
+                                            train=lambda probe, source, out: PhaseRunner(probe, source, out).run())
         out = Path(args.out) if args.out else default_dir / "mpd.json"
         _write_json(out, result)
         plot_mpd(result, out.with_suffix(".png"))

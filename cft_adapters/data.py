@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import itertools
 import json
 import json.scanner
@@ -30,6 +29,7 @@ import numpy as np
 
 from cft_adapters.errors import DataError, HubUnavailable
 from cft_adapters.recipe import BUILTIN_PREFIX, DatasetSource, PhaseConfig, Recipe, builtin_data_path
+from cft_adapters.util.digest import file_sha256
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -681,11 +681,7 @@ def _file_fingerprint(file: Path, name: str) -> dict[str, Any]:
         stat = file.stat()
         key = ("file", str(file.resolve()), stat.st_size, stat.st_mtime_ns)
         if key not in _FINGERPRINTS:
-            digest = hashlib.sha256()
-            with file.open("rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    digest.update(chunk)
-            _FINGERPRINTS[key] = {"kind": "file", "size": stat.st_size, "sha256": digest.hexdigest()}
+            _FINGERPRINTS[key] = {"kind": "file", "size": stat.st_size, "sha256": file_sha256(file, _CHUNK)}
     except OSError as exc:
         raise DataError(f"{name}: cannot read: {exc.strerror}") from None
     return dict(_FINGERPRINTS[key])

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from cft_adapters.recipe import AdapterConfig, ModelConfig, TrainingConfig
+from cft_adapters.errors import CftError
+from cft_adapters.recipe import AdapterConfig, ModelConfig, Recipe, TrainingConfig
 
 
 def compute_dtype(model: ModelConfig) -> torch.dtype:
@@ -87,3 +88,16 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         train_sampling_strategy="group_by_length" if training.group_by_length else "random",
         use_liger_kernel=training.use_liger_kernel,
     )
+
+
+def check_liger(recipe: Recipe, source: str) -> None:
+    """use_liger_kernel needs a CUDA GPU and the 'gpu' extra: said before any training."""
+    import importlib.util
+
+    wants = [i for i in range(len(recipe.phases)) if recipe.phase_training(i).use_liger_kernel]
+    if not wants:
+        return
+    if not torch.cuda.is_available():
+        raise CftError(f"{source}: training.use_liger_kernel: Liger kernels need a CUDA GPU; none is visible")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise CftError(f"{source}: training.use_liger_kernel: install the 'gpu' extra (pip install -e '.[gpu]')")

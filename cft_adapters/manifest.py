@@ -5,7 +5,6 @@ The schema is the contract in ARCHITECTURE.md. Paths are relative to the run dir
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cft_adapters.recipe import PHASE_NAME
 from cft_adapters.util.fs import write_atomic  # noqa: F401  (re-exported: its old home)
+from cft_adapters.util.digest import canonical_json
 
 Status = Literal["pending", "running", "done", "failed"]
 MANIFEST = "run.json"
@@ -149,5 +149,25 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def dumps_canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+dumps_canonical = canonical_json  # its old name
+
+
+def summary_table(manifest: RunManifest) -> Any:
+    """The end-of-run table of phases: status, steps, tokens, time, throughput, memory, loss."""
+    from rich.table import Table
+
+    table = Table(title=f"run: {manifest.recipe}")
+    for col in ("phase", "status", "steps", "tokens", "sec", "tok/s", "peak MB", "loss"):
+        if col == "phase":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+    for rec in manifest.phases:
+        t = rec.train
+        cells = (
+            [str(t.steps), str(t.tokens), f"{t.seconds:.1f}", f"{t.tokens_per_second:.0f}", f"{t.peak_memory_mb:.0f}",
+             f"{t.final_loss:.3f}" if t.final_loss is not None else "-"]
+            if t else ["-"] * 6
+        )
+        table.add_row(f"{rec.index} {rec.name}", rec.status, *cells)
+    return table

@@ -18,7 +18,9 @@ from cft_adapters.wheels import WHEEL_MODELS, wheel_model_file
 from cft_adapters.hf_configs import bnb_config, compute_dtype, lora_config
 from cft_adapters.recipe import BUILTIN_PREFIX, AdapterConfig, ModelConfig
 from cft_adapters.util.fs import build_cached_dir
-from cft_adapters.tiny import BUILTIN_MODELS, builtin_model_path, cache_dir
+from cft_adapters.tiny import BUILTIN_MODELS, builtin_model_path
+from cft_adapters.util.fs import cache_dir
+from cft_adapters.util.digest import short_digest
 
 FALLBACK_TEMPLATE_NAME = "fallback-chatml-eos"
 # For a tokenizer without a chat template (a base model such as Mistral-7B-v0.1). ChatML layout, but
@@ -78,7 +80,7 @@ def materialize_gguf(model: ModelConfig) -> Path:
     if source.is_file():
         stat = source.stat()
         key += f"|{stat.st_size}|{int(stat.st_mtime)}"
-    target = cache_dir() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / short_digest(key)
     return build_cached_dir(target, lambda tmp: _dequantize_gguf(model, tmp), ready="config.json")
 
 

@@ -19,7 +19,6 @@ strategies are pure functions over layer counts and per-layer scores, testable w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -33,6 +32,7 @@ import torch
 
 from cft_adapters.errors import CftError
 from cft_adapters.recipe import PlacementConfig, parse_layers  # noqa: F401  (parse_layers: also used here)
+from cft_adapters.util.digest import short_digest
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -160,7 +160,7 @@ def _dense_weight(module: Any) -> torch.Tensor:
 
 def spectrum_scan(base: Any, target_modules: list[str], cache_key: str, cache_root: Path) -> dict[str, Any]:
     """Per-layer mean SNR over the target modules of the base; cached per base model."""
-    digest = hashlib.sha256(json.dumps([cache_key, sorted(target_modules), 1]).encode()).hexdigest()[:16]
+    digest = short_digest(json.dumps([cache_key, sorted(target_modules), 1]))
     cache = cache_root / "spectrum" / f"{digest}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -323,3 +323,41 @@ def num_layers_from_config(model: Any) -> int | None:
     except Exception:  # offline, gated, or not a model: the caller says "unknown"
         return None
     return config.get_text_config().num_hidden_layers
+
+
+def adapter_change_scores(
+    run_dir: Path, records: list[Any], phase_names: list[str], cfg: PlacementConfig, k: int, scale: float,
+    num_layers: int, modules: list[str] | None,
+) -> tuple[dict[int, float], dict[str, Any]]:
+    """LF_H2 evidence for phase k: the per-layer change of the adapter update over the reference
+    phase (cfg.reference_phase, else phase k-1), read from the adapters that phase started and ended with."""
+    from safetensors.torch import load_file
+
+    ref = phase_names.index(cfg.reference_phase) + 1 if cfg.reference_phase else k - 1
+    if ref < 1 or records[ref].status != "done":
+        raise ValueError(f"'most_changed' needs phase {ref} ('{phase_names[ref - 1]}') finished first")
+    end_dir = run_dir / records[ref].dirname / "adapter"
+    start_dir = run_dir / records[ref - 1].dirname / "adapter" if ref > 1 else None
+    scores = layer_delta_norms(
+        load_file(str(start_dir / "adapter_model.safetensors")) if start_dir else None,
+        load_file(str(end_dir / "adapter_model.safetensors")), scale, num_layers, modules,
+    )
+    detail = {"reference_phase": phase_names[ref - 1], "start": str(start_dir.relative_to(run_dir)) if start_dir else None,
+              "end": str(end_dir.relative_to(run_dir)), "scale": scale}
+    return scores, detail
+
+
+def check_placements(recipe: Any, source: str) -> None:
+    """Placement errors the model config can reveal (layer ranges, fractions) before any training."""
+    if not any(p.placement and p.placement.strategy != "none" for p in recipe.phases):
+        return
+    num_layers = num_layers_from_config(recipe.model)
+    problems = []
+    for i, phase in enumerate(recipe.phases):
+        if phase.placement is not None:
+            try:
+                describe_for_dry_run(phase.placement, num_layers, recipe.phase_training(i).seed)
+            except CftError as exc:
+                problems.append(f"{source}: phases[{i}].placement: {exc}")
+    if problems:
+        raise CftError(problems)

@@ -9,8 +9,7 @@ from rich.table import Table
 from cft_adapters.data import check_data
 from cft_adapters.errors import DataError
 from cft_adapters.evaluation import unknown_tasks
-from cft_adapters.placement import describe_for_dry_run, num_layers_from_config
-from cft_adapters.phases import check_placements
+from cft_adapters.placement import check_placements, describe_for_dry_run, num_layers_from_config
 from cft_adapters.recipe import Recipe, TrainingConfig
 
 

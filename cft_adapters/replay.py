@@ -27,10 +27,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from cft_adapters.data import load_prompts, load_source
+from cft_adapters import distributed
+from cft_adapters.data import load_prompts, load_source, truncate_tokenized
 from cft_adapters.errors import CftError
 from cft_adapters.util.fs import move_aside, write_atomic
-from cft_adapters.recipe import DatasetSource, ReplayConfig
+from cft_adapters.recipe import DatasetSource, ReplayConfig, TrainingConfig
+from cft_adapters.util.jsonl import read_jsonl, write_jsonl
 
 REPLAY_FILE = "replay.jsonl"
 REPLAY_META = "replay_meta.json"
@@ -147,6 +149,42 @@ class ReplayPositionCallback(TrainerCallback):
 
 
 @torch.no_grad()
+def attach_replay(trainer: Any, pool: ReplayPool, cfg: ReplayConfig, training: TrainingConfig) -> ReplayCollator:
+    """Mix `pool` into `trainer`'s batches: its data collator is wrapped by a ReplayCollator, and a
+    callback keeps the schedule's position across a resume. Returns the collator (its counters)."""
+    # The replay pool goes through TRL's own dataset preparation (chat template, tokenization,
+    # completion mask), so replay examples are masked exactly like phase examples. TRL has no public
+    # API for it: the call is private, so pyproject.toml pins TRL to the minor version tested.
+    prepared = trainer._prepare_dataset(pool.to_dataset(), trainer.processing_class, trainer.args,
+                                        packing=False, formatting_func=None, dataset_name="replay")
+    if training.padding_free:
+        prepared = truncate_tokenized(prepared, training.max_length)
+    keep = [c for c in prepared.column_names if c not in ("prompt", "completion")]
+    collator = ReplayCollator(trainer.data_collator, prepared.select_columns(keep).to_list(), cfg.ratio, training.seed,
+                              rank=distributed.rank(), world_size=distributed.world_size())
+    trainer.data_collator = collator
+    trainer.add_callback(ReplayPositionCallback(collator))
+    return collator
+
+
+def replay_record(collator: ReplayCollator, pool: ReplayPool, cfg: ReplayConfig, file: str) -> dict[str, Any]:
+    """The phase's `replay` entry in run.json, summed over every data-parallel rank."""
+    counts = distributed.gather((collator.replayed, collator.seen, collator.replay_tokens))
+    replayed, seen, replay_tokens = (sum(c[i] for c in counts) for i in range(3))
+    return {
+        "kind": cfg.kind,
+        "ratio_requested": cfg.ratio,
+        "ratio_achieved": round(replayed / seen, 6) if seen else 0.0,
+        "replayed_examples": replayed,
+        "stream_examples": seen,
+        "replay_tokens": replay_tokens,
+        "pool_examples": len(pool.rows),
+        "pool_reused": pool.reused,
+        "file": file,
+        "generation": pool.generation,
+    }
+
+
 def generate_answers(
     model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, batch_size: int, max_new_tokens: int,
     min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -198,7 +236,7 @@ def build_pool(
     if path.is_file():
         meta = _read_meta(meta_path)
         if meta.get("key") == key:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = read_jsonl(path)
             return ReplayPool(cfg.kind, rows, meta.get("generation"), reused=True)
         for stale in (path, meta_path):
             if stale.exists():
@@ -207,7 +245,7 @@ def build_pool(
                       f"({REPLAY_FILE}.stale-*), building a new one")
     inputs = PoolInputs(cfg, where, phase_examples, seed, model, tokenizer, source_model, earlier_sources, console)
     pool = KINDS[cfg.kind].build(inputs)
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool.rows))
+    write_jsonl(path, pool.rows)
     write_atomic(meta_path, json.dumps({"kind": pool.kind, "key": key, "generation": pool.generation}, indent=2) + "\n")
     return pool
 

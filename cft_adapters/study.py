@@ -23,7 +23,6 @@ Outputs: `study.json`, `study.md`, `study.png` in the output directory, rewritte
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import platform
@@ -43,8 +42,10 @@ from cft_adapters.analysis.stats import paired_comparison, summarize
 from cft_adapters.errors import CftError, RecipeError
 from cft_adapters.manifest import RunManifest, dumps_canonical, package_versions
 from cft_adapters.rundir import claim
-from cft_adapters.util.fs import atomic_file, make_temp_dir, publish_dir, write_atomic
+from cft_adapters.util.fs import make_temp_dir, publish_dir, write_atomic
 from cft_adapters.recipe import PHASE_NAME, Recipe, _Strict, format_loc, load_recipe
+from cft_adapters.util.digest import short_digest
+from cft_adapters.util.plot import pyplot, save_figure
 
 STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
 
@@ -181,13 +182,13 @@ def _check_comparable(cells: list[Cell], study_path: Path) -> None:
 def phase_keys(recipe: Recipe) -> list[str]:
     """What makes phase k's checkpoint and scores reusable by another cell: phase 0 (the base) by the
     model and the evaluation; phase k >= 1 by its config_digest and the evaluation."""
-    from cft_adapters.phases import phase_config_digest
+    from cft_adapters.reconcile import phase_config_digest
 
     eval_part = dumps_canonical(recipe.eval.model_dump(mode="json"))
-    base = hashlib.sha256((dumps_canonical(recipe.model.model_dump(mode="json")) + eval_part).encode()).hexdigest()[:16]
+    base = short_digest(dumps_canonical(recipe.model.model_dump(mode="json")) + eval_part)
     keys = [base]
     for k in range(1, len(recipe.run_phases()) + 1):
-        keys.append(hashlib.sha256((phase_config_digest(recipe, k) + eval_part).encode()).hexdigest()[:16])
+        keys.append(short_digest(phase_config_digest(recipe, k) + eval_part))
     return keys
 
 
@@ -624,10 +625,7 @@ def summary_table(result: dict[str, Any]) -> Table:
 
 
 def plot_study(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     conditions = list(dict.fromkeys(r["condition"] for r in result["summary"]))
     phases = sorted({r["phase"] for r in result["summary"]})
@@ -656,9 +654,7 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
     n = len(result["seeds"])
     fig.suptitle(f"{Path(result['study']).name}: mean over {n} seed(s)" + ("; error bars: 95% CI" if n > 1 else "; n=1, no CI"))
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def dry_run(study_path: str | Path, console: Console) -> None:

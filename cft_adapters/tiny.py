@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from cft_adapters.util.fs import cache_dir  # noqa: F401  (re-exported: its old home)
 
 BUILTIN_MODELS = {
     "tiny-mistral": {
@@ -32,11 +33,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-
-
-def cache_dir() -> Path:
-    """Where built models are cached: $CFT_CACHE_DIR, else ~/.cache/cft_adapters."""
-    return Path(os.environ.get("CFT_CACHE_DIR", Path.home() / ".cache" / "cft_adapters"))
 
 
 def _training_text_files() -> list[Path]:

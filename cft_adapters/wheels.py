@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cft_adapters.tiny import cache_dir
+from cft_adapters.util.fs import cache_dir
 
 WHEEL_MODELS = {
     "smollm2": {

@@ -35,13 +35,66 @@ def test_replay_share_is_exact_in_every_window(ratio: float) -> None:
 
 
 def test_schedule_resumes_at_the_same_slot() -> None:
-    a = ReplayCollator(lambda b: b, [{"input_ids": [0]}], 0.1, seed=0)
-    marks = [is_replay_slot(p, 0.1) for p in range(100)]
-    b = ReplayCollator(lambda b: b, [{"input_ids": [0], "r": 1}], 0.1, seed=0)
-    b.seek(40)
-    out = b([{"input_ids": [1], "r": 0} for _ in range(20)])
-    assert [bool(f["r"]) for f in out] == marks[40:60]
-    assert a.position == 0
+    """A collator sought to slot 40 hands out what an uninterrupted one did at slots 40-59: the same
+    slots (ratio 0.1: every tenth, 49 and 59) with the same pool examples (the 5th and 6th replays)."""
+    pool = [{"input_ids": [100 + i]} for i in range(5)]
+    stream = [{"input_ids": [i]} for i in range(60)]
+    straight = ReplayCollator(lambda b: b, pool, 0.1, seed=0)
+    whole = straight(stream[:25]) + straight(stream[25:])
+    assert [p for p, f in enumerate(whole) if f["input_ids"][0] >= 100] == [9, 19, 29, 39, 49, 59]
+    replayed = [whole[p]["input_ids"][0] for p in (9, 19, 29, 39, 49, 59)]
+    assert sorted(replayed[:5]) == [100, 101, 102, 103, 104] and replayed[5] == replayed[0]  # a pass, then again
+    resumed = ReplayCollator(lambda b: b, pool, 0.1, seed=0)
+    resumed.seek(40)
+    assert resumed(stream[40:60]) == whole[40:60]
+    assert (resumed.position, resumed.replayed) == (straight.position, straight.replayed) == (60, 6)
+
+
+def _chat_example(tok, question: str, answer: str) -> dict[str, list[int]]:
+    """One example as TRL's dataset preparation leaves it: the chat's token ids, and labels with the
+    prompt masked (-100) and the answer learned."""
+    prompt = list(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"])
+    chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    ids = list(tok.apply_chat_template(chat)["input_ids"])
+    assert ids[: len(prompt)] == prompt
+    return {"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt):]}
+
+
+def test_collator_mixes_tokenized_replay_rows_into_real_batches(tiny_model_path) -> None:
+    """Tokenized chats through TRL's own collator: at ratio 0.25 every fourth row of the stream is a
+    replay example, whole (its ids and its labels, prompt masked), the other rows are the phase's own,
+    and the batch is padded to its longest row, replay rows included."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from cft_adapters.modeling import load_tokenizer
+    from cft_adapters.recipe import ModelConfig
+
+    tok = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-mistral"), str(tiny_model_path))
+    phase = [_chat_example(tok, f"Traduis {i}.", "Bonjour.") for i in range(24)]
+    replay = [_chat_example(tok, f"Name a colour for thing number {j}, please.", f"The colour of thing {j} is red.")
+              for j in range(3)]
+    collator = ReplayCollator(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id), replay, 0.25, seed=0)
+    picked = []
+    for start in range(0, 24, 6):  # batches of 6: the replay slots 3, 7, 11, ... fall at different rows
+        batch = collator(phase[start:start + 6])
+        rows = []
+        for row in range(6):
+            slot = start + row
+            n = int(batch["attention_mask"][row].sum())
+            got = {"input_ids": batch["input_ids"][row, :n].tolist(), "labels": batch["labels"][row, :n].tolist()}
+            assert batch["input_ids"][row, n:].eq(tok.pad_token_id).all() and batch["labels"][row, n:].eq(-100).all()
+            if slot % 4 == 3:
+                assert got in replay, slot
+                picked.append(replay.index(got))
+                learned = tok.decode([t for t in got["labels"] if t != -100])
+                assert f"The colour of thing {picked[-1]} is red." in learned
+            else:
+                assert got == phase[slot], slot
+            rows.append(got)
+        assert batch["input_ids"].shape[1] == max(len(r["input_ids"]) for r in rows)
+    assert len(picked) == 6 and sorted(picked[:3]) == [0, 1, 2] and picked[3:] == picked[:3]
+    assert collator.replayed == 6 and collator.seen == 24
+    assert collator.replay_tokens == sum(len(replay[k]["input_ids"]) for k in picked)
 
 
 def test_resume_position_counts_the_short_last_batch_of_each_epoch() -> None:
@@ -109,8 +162,7 @@ def test_replay_batches_carry_the_completion_only_mask(tmp_path, tiny_model_path
     from cft_adapters.data import load_phase_data
     from cft_adapters.hf_configs import sft_config
     from cft_adapters.modeling import load_base_model, load_tokenizer, new_adapter
-    from cft_adapters.phases import PhaseRunner
-    from cft_adapters.replay import ReplayPool
+    from cft_adapters.replay import ReplayPool, attach_replay
 
     recipe = load_recipe(SMOKE, ["phases[1].replay={kind: real, ratio: 0.25}"])
     tok = load_tokenizer(recipe.model, str(tiny_model_path))
@@ -120,7 +172,7 @@ def test_replay_batches_carry_the_completion_only_mask(tmp_path, tiny_model_path
                          train_dataset=data.for_trainer(), processing_class=tok)
     answer = "REPLAYED ANSWER"
     pool = ReplayPool("real", [{"prompt": [{"role": "user", "content": "Name a colour."}], "answer": answer}])
-    collator = PhaseRunner._attach_replay(trainer, pool, recipe.phases[1].replay, recipe.phase_training(1))
+    collator = attach_replay(trainer, pool, recipe.phases[1].replay, recipe.phase_training(1))
     batch = next(iter(trainer.get_train_dataloader()))
     prompt_ids = tok.apply_chat_template(pool.rows[0]["prompt"], add_generation_prompt=True)
     prompt_ids = list(prompt_ids["input_ids"]) if hasattr(prompt_ids, "keys") else list(prompt_ids)

@@ -13,7 +13,6 @@ The base is loaded once and the adapters are swapped in place, as in evaluation.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,18 @@ from cft_adapters.errors import CftError
 from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision
 from cft_adapters.manifest import RunManifest
 from cft_adapters.tasks_path import tasks_dir
+from cft_adapters.util.jsonl import read_jsonl
+from cft_adapters.util.plot import pyplot, save_figure
 
 
 def default_probe() -> list[str]:
     path = tasks_dir() / "cft_smoke" / "data" / "en_gen.jsonl"
-    return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row["prompt"] for row in read_jsonl(path)]
 
 
 def read_probe(path: Path) -> list[str]:
     try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_jsonl(path)
         prompts = [r["prompt"] for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CftError(f"--probe {path}: expected JSON Lines with a 'prompt' field ({exc})") from None
@@ -135,11 +136,9 @@ def drift_outputs(run_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
 
 
 def plot_drift(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     names = [f"{t['from'].split()[0]}→{t['to'].split()[0]}" for t in result["transitions"]]
     panels = [("mean_shift", "mean shift"), ("covariance_shift", "covariance shift"), ("cka", "1 − CKA")]
@@ -155,5 +154,4 @@ def plot_drift(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("layer (0 = embeddings)")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -12,19 +12,21 @@ probe adapters are cached by their settings, so a second call only computes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from rich.console import Console
 
 from cft_adapters.errors import CftError
-from cft_adapters.manifest import dumps_canonical
+from cft_adapters.manifest import RunManifest, dumps_canonical
 from cft_adapters.placement import layer_of, lora_updates
 from cft_adapters.recipe import Recipe
-from cft_adapters.tiny import cache_dir
+from cft_adapters.util.fs import cache_dir
+from cft_adapters.util.digest import short_digest
+from cft_adapters.util.plot import pyplot, save_figure
 
 DEFAULT_TOKEN_BUDGET = 20_000
 
@@ -60,7 +62,7 @@ def probe_recipe(recipe: Recipe, index: int, token_budget: int) -> Recipe:
         "model": recipe.model.model_dump(mode="json"), "adapter": recipe.adapter.model_dump(mode="json"),
         "training": training.model_dump(mode="json"), "datasets": [d.model_dump(mode="json") for d in phase.datasets],
     })
-    out = cache_dir() / "mpd" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    out = cache_dir() / "mpd" / short_digest(key)
     return recipe.model_copy(update={
         "phases": [phase.model_copy(update={"training": type(phase.training)()})],
         "training": training, "eval": recipe.eval.model_copy(update={"tasks": []}),
@@ -68,18 +70,22 @@ def probe_recipe(recipe: Recipe, index: int, token_budget: int) -> Recipe:
     })
 
 
-def train_probe(recipe: Recipe, index: int, token_budget: int, console: Console) -> Path:
-    from cft_adapters.phases import PhaseRunner
+# Runs a recipe into its output_dir and returns its manifest: the training runner, handed in by the
+# caller (`cft analyze mpd` passes PhaseRunner), so analysis never imports the training runner.
+Train = Callable[[Recipe, str, Console], RunManifest]
 
+
+def train_probe(recipe: Recipe, index: int, token_budget: int, console: Console, train: Train) -> Path:
     probe = probe_recipe(recipe, index, token_budget)
-    manifest = PhaseRunner(probe, f"mpd probe of phases[{index}]", console).run()
+    manifest = train(probe, f"mpd probe of phases[{index}]", console)
     return Path(probe.output_dir) / str(manifest.phases[1].checkpoint)
 
 
-def model_parameter_difference(recipe: Recipe, a: int, b: int, token_budget: int, console: Console) -> dict[str, Any]:
+def model_parameter_difference(recipe: Recipe, a: int, b: int, token_budget: int, console: Console,
+                               train: Train) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    dirs = [train_probe(recipe, i, token_budget, console) for i in (a, b)]
+    dirs = [train_probe(recipe, i, token_budget, console, train) for i in (a, b)]
     states = [load_file(str(d / "adapter_model.safetensors")) for d in dirs]
     result = mpd(states[0], states[1], recipe.adapter.alpha / recipe.adapter.r)
     result.update({
@@ -91,10 +97,7 @@ def model_parameter_difference(recipe: Recipe, a: int, b: int, token_budget: int
 
 
 def plot_mpd(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = [k for k in result["per_layer"] if k != "None"]
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(layers) + 2), 3))
@@ -103,5 +106,4 @@ def plot_mpd(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("MPD")
     ax.set_title(f"MPD {result['phases'][0]} vs {result['phases'][1]}: total {result['total']:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -34,6 +34,11 @@ def _umask() -> int:
     return mask
 
 
+def cache_dir() -> Path:
+    """Where built models, scans and probes are cached: $CFT_CACHE_DIR, else ~/.cache/cft_adapters."""
+    return Path(os.environ.get("CFT_CACHE_DIR", Path.home() / ".cache" / "cft_adapters"))
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
