@@ -11,16 +11,11 @@ of the last phase's data is reported (file and line) before the first phase spen
 
 from __future__ import annotations
 
-import codecs
 import csv
 import itertools
-import json
-import json.scanner
-import os
-import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from cft_adapters.errors import DataError, HubUnavailable
-from cft_adapters.recipe import BUILTIN_PREFIX, DatasetSource, PhaseConfig, Recipe, builtin_data_path
-from cft_adapters.util.digest import file_sha256
+from cft_adapters.formats import FORMATS, RowError, language_columns, row_language
+from cft_adapters.fingerprint import local_file, source_fingerprint  # noqa: F401  (source_fingerprint: re-exported)
+from cft_adapters.local_rows import BadFile, BadRow, first_line, local_rows
+from cft_adapters.recipe import DatasetSource, PhaseConfig, Recipe
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -60,87 +57,25 @@ class PhaseData:
 
 
 def required_columns(src: DatasetSource) -> list[str]:
-    if src.format == "alpaca":
-        cols = ["instruction", "output"]
-    elif src.format == "messages":
-        cols = [src.messages_column]
-    else:
-        assert src.columns is not None
-        cols = [src.columns.prompt, src.columns.response] + ([src.columns.system] if src.columns.system else [])
-    return cols + ([src.language_column] if src.language_column else [])
+    return FORMATS[src.format].columns(src) + language_columns(src)
 
 
 def prompt_columns(src: DatasetSource) -> list[str]:
     """The columns a prompt source (generative replay) needs: no answer."""
-    if src.format == "alpaca":
-        cols = ["instruction"]
-    elif src.format == "messages":
-        cols = [src.messages_column]
-    else:
-        assert src.columns is not None
-        cols = [src.columns.prompt]
-    return cols + ([src.language_column] if src.language_column else [])
-
-
-class _RowError(ValueError):
-    """What is wrong with one row, without saying where the row is."""
+    return FORMATS[src.format].prompt_columns(src) + language_columns(src)
 
 
 def to_conversation(row: dict[str, Any], src: DatasetSource, where: str) -> dict[str, Any]:
     """One raw row -> prompt/completion messages and a language tag."""
     try:
         return _conversation(row, src)
-    except _RowError as exc:
+    except RowError as exc:
         raise DataError(f"{where}: {exc}") from None
 
 
 def _conversation(row: dict[str, Any], src: DatasetSource) -> dict[str, Any]:
-    if src.format == "alpaca":
-        instruction, extra = _text(row, "instruction"), row.get("input") or ""
-        prompt = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}]
-        answer = _text(row, "output")
-    elif src.format == "messages":
-        prompt, answer = _split_messages(row.get(src.messages_column), src.messages_column)
-    else:
-        assert src.columns is not None
-        prompt = [{"role": "user", "content": _text(row, src.columns.prompt)}]
-        if src.columns.system and row.get(src.columns.system):
-            prompt.insert(0, {"role": "system", "content": _text(row, src.columns.system)})
-        answer = _text(row, src.columns.response)
-    language = src.language if src.language is not None else _text(row, str(src.language_column))
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "language": language}
-
-
-def _text(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if not isinstance(value, str):
-        raise _RowError(f"column '{column}': expected text, got {type(value).__name__} ({value!r:.60})")
-    return value
-
-
-def _split_messages(messages: Any, column: str) -> tuple[list[dict[str, str]], str]:
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise _RowError(f"column '{column}': expected a list of at least 2 chat messages, got {messages!r:.80}")
-    clean = _chat_turns(messages, column)
-    if clean[-1]["role"] != "assistant":
-        raise _RowError(f"column '{column}': the last message must be the assistant's answer, got role '{clean[-1]['role']}'")
-    if not any(turn["role"] == "user" for turn in clean[:-1]):
-        raise _RowError(f"column '{column}': no user message before the answer")
-    return clean[:-1], clean[-1]["content"]
-
-
-def _chat_turns(messages: list[Any], column: str) -> list[dict[str, str]]:
-    clean = []
-    for turn in messages:
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
-            raise _RowError(f"column '{column}': each message needs 'role' and 'content' text, got {turn!r:.80}")
-        clean.append({"role": turn["role"], "content": turn["content"]})
-    return clean
-
-
-def _local_file(src: DatasetSource) -> Path:
-    assert src.path is not None
-    return builtin_data_path(src.path) if src.path.startswith(BUILTIN_PREFIX) else Path(src.path)
+    prompt, answer = FORMATS[src.format].conversation(row, src)
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "language": row_language(row, src)}
 
 
 def _load_raw(src: DatasetSource, where: str, *, streaming: bool) -> Any:
@@ -148,7 +83,7 @@ def _load_raw(src: DatasetSource, where: str, *, streaming: bool) -> Any:
 
     try:
         if src.path is not None:
-            file = _local_file(src)
+            file = local_file(src)
             return datasets.load_dataset(_BUILDERS[file.suffix], data_files=str(file), split="train",
                                          streaming=streaming, **_csv_options(file))
         return datasets.load_dataset(
@@ -161,16 +96,11 @@ def _load_raw(src: DatasetSource, where: str, *, streaming: bool) -> Any:
 
 
 def _unreadable(src: DatasetSource, where: str, exc: Exception) -> DataError:
-    reason = _first_line(exc)
+    reason = first_line(exc)
     if src.hub is not None:
         reason += " (the hub dataset may need network access, a config name, or a different split)"
         return HubUnavailable(f"{where}: cannot read {src.describe()}: {reason}")
     return DataError(f"{where}: cannot read {src.describe()}: {reason}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _csv_options(file: Path) -> dict[str, Any]:
@@ -336,7 +266,7 @@ _SHOWN = 5  # bad or empty rows named in a message
 def _check_local(src: DatasetSource, where: str, *, prompts: bool, preview_rows: int = 2) -> SourceSummary:
     """Every row of a local source (streamed): its shape errors name the file and the line (JSON,
     CSV) or row (parquet); rows with an empty answer are a warning, not an error."""
-    file = _local_file(src)
+    file = local_file(src)
     try:
         stat = file.stat()
     except OSError as exc:
@@ -363,15 +293,15 @@ def _scan_local(src: DatasetSource, file: Path, where: str, *, prompts: bool, pr
     bad: list[tuple[str, str]] = []  # (where in the file, why): the first few
     bad_count, unit = 0, "row"
     try:
-        unit, rows = _local_rows(file)
+        unit, rows = local_rows(file)
         for number, row in rows:
             scan.rows += 1
-            if type(row) is _BadRow:
+            if type(row) is BadRow:
                 reason = str(row)
             else:
                 try:
                     example = convert(row, src)
-                except _RowError as exc:
+                except RowError as exc:
                     reason = _missing_columns(row, needed, src) or str(exc)
                 else:
                     scan.languages[example["language"]] += 1
@@ -385,7 +315,7 @@ def _scan_local(src: DatasetSource, file: Path, where: str, *, prompts: bool, pr
             bad_count += 1
             if len(bad) <= _SHOWN:
                 bad.append((f"{unit} {number}", reason))
-    except _BadFile as exc:  # the rest of the file cannot be read
+    except BadFile as exc:  # the rest of the file cannot be read
         bad_count += 1
         bad.append(exc.args)
     except OSError as exc:
@@ -411,322 +341,6 @@ def _missing_columns(row: dict[str, Any], needed: list[str], src: DatasetSource)
 
 
 # ---------------------------------------------------------------------------------------------
-# reading local files row by row, streamed, each row with its line
-# ---------------------------------------------------------------------------------------------
-
-_CHUNK = 1 << 20
-_NL = b"\n"
-
-
-class _BadRow(str):
-    """Why a row could not be read; it stands in for the row, and reading goes on."""
-
-
-class _BadFile(Exception):
-    """(where, why): the rest of the file cannot be read (a broken JSON array, CSV or parquet file)."""
-
-
-def _local_rows(file: Path) -> tuple[str, Iterator[tuple[int, dict[str, Any] | _BadRow]]]:
-    """('line' or 'row', (number, row) for every row). Rows are numbered as an editor shows them:
-    JSON and CSV by line (from 1), parquet by row (from 1)."""
-    if file.suffix == ".parquet":
-        return "row", _parquet_rows(file)
-    if file.suffix == ".csv":
-        return "line", _csv_rows(file)
-    # As datasets does: a file that opens with '[' is one JSON array; anything else is JSON Lines.
-    return "line", (_json_array_rows(file) if _first_byte(file) == b"[" else _json_lines_rows(file))
-
-
-def _first_byte(file: Path) -> bytes:
-    with file.open("rb") as fh:
-        head = fh.read(_CHUNK).removeprefix(codecs.BOM_UTF8)
-        while head and not head.lstrip():
-            head = fh.read(_CHUNK)
-    return head.lstrip()[:1]
-
-
-def _json_lines_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
-    # The C scanner that json.loads runs, called directly: json.loads' own Python layers cost a third
-    # of the time on a large file. Anything the fast path does not accept goes through json.loads.
-    scan = json.scanner.make_scanner(json.JSONDecoder())
-    with file.open("rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, _BadRow(_not_utf8(raw[exc.start], exc.start + 1))
-                continue
-            try:
-                row, end = scan(text, 0)
-                if end != len(text) and not text[end:].isspace():
-                    raise ValueError
-            except (StopIteration, ValueError):
-                row = _json_line(text, raw, number, file)
-                if row is None:
-                    continue
-            if isinstance(row, dict) or type(row) is _BadRow:
-                yield number, row
-            else:
-                yield number, _BadRow(f"expected a JSON object, got {_json_kind(row)}")
-
-
-def _json_line(text: str, raw: bytes, number: int, file: Path) -> Any:
-    """One line through json.loads: its value, None for a blank line, or why it is not JSON."""
-    try:
-        return json.loads(text.removeprefix("\ufeff") if number == 1 else text)
-    except json.JSONDecodeError as exc:
-        if not text.strip():  # blank lines are skipped, as datasets does
-            return None
-        column = min(exc.pos, len(raw.rstrip(b"\r\n"))) + 1  # not past the line's end
-        hint = "; a .json file holds one JSON object per line, or one JSON array of objects" if file.suffix == ".json" else ""
-        return _BadRow(f"not valid JSON: {exc.msg} (column {column}){hint}")
-
-
-def _not_utf8(byte: int, column: int) -> str:
-    return f"not UTF-8 text (byte 0x{byte:02x} at column {column}); save the file as UTF-8"
-
-
-def _json_kind(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _utf8_blocks(file: Path) -> Iterator[str]:
-    """The text of a file in blocks of about 1 MiB. A byte that is not UTF-8 ends it with a
-    _BadFile naming its line and column."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, column = 1, 0  # where the next byte read is (column counted in bytes, from 0)
-    with file.open("rb") as fh:
-        while True:
-            chunk = fh.read(_CHUNK)
-            pending = decoder.getstate()[0]  # the start of a character cut by the last chunk
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as exc:
-                data, start = exc.object, exc.start  # data is pending + chunk
-                newline = data.rfind(_NL, 0, start)
-                at = start - newline if newline >= 0 else column - len(pending) + start + 1
-                raise _BadFile(f"line {line + data.count(_NL, 0, start)}", _not_utf8(data[start], at)) from None
-            newline = chunk.rfind(b"\n")
-            line += chunk.count(b"\n")
-            column = len(chunk) - newline - 1 if newline >= 0 else column + len(chunk)
-            if text:
-                yield text
-            if not chunk:
-                return
-
-
-class _TextWindow:
-    """The unread part of a streamed text, and the line and column of any position in it."""
-
-    def __init__(self, blocks: Iterator[str]):
-        self.blocks, self.text, self.eof = blocks, "", False
-        self.dropped = 0  # characters dropped before text[0]
-        self._line, self._counted = 1, 0  # line number at text[_counted]
-        self._column0 = 0  # characters of the line that text[0] is on, before text[0]
-
-    def more(self, keep_from: int) -> bool:
-        """Drop text[:keep_from] and read the next block; False at the end of the file."""
-        self.line_at(keep_from)
-        newline = self.text.rfind("\n", 0, keep_from)
-        self._column0 = keep_from - newline - 1 if newline >= 0 else self._column0 + keep_from
-        self.text, self.dropped, self._counted = self.text[keep_from:], self.dropped + keep_from, 0
-        block = next(self.blocks, None)
-        if block is None:
-            self.eof = True
-            return False
-        self.text += block
-        return True
-
-    def line_at(self, pos: int) -> int:
-        """Line number (from 1) of text[pos]; positions must be asked in increasing order."""
-        self._line += self.text.count("\n", self._counted, pos)
-        self._counted = pos
-        return self._line
-
-    def column_at(self, pos: int) -> int:
-        newline = self.text.rfind("\n", 0, pos)
-        return pos - newline if newline >= 0 else self._column0 + pos + 1
-
-
-_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _json_array_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
-    """The elements of a file holding one JSON array, streamed: only the unread rest of the last
-    block and the element being read are in memory, even when the whole array is one line."""
-    window = _TextWindow(_utf8_blocks(file))
-    window.more(0)
-    window.text = window.text.removeprefix("\ufeff")
-    decoder = json.JSONDecoder()
-    pos, elements = _next_token(window, 0) + 1, 0  # past the '[' that _first_byte saw
-    while True:
-        pos = _next_token(window, pos)
-        if pos >= 0 and window.text[pos] == "]":  # the end (a ']' right after a ',' is decoded, and fails)
-            break
-        if pos >= 0 and elements:
-            if window.text[pos] != ",":
-                raise _BadFile(f"line {window.line_at(pos)}", f"not valid JSON: expected ',' or ']' after element "
-                               f"{elements} of the array (column {window.column_at(pos)})")
-            pos = _next_token(window, pos + 1)
-        if pos < 0:
-            raise _BadFile(f"line {window.line_at(len(window.text))}", "not valid JSON: the array is not closed with ']'")
-        line = window.line_at(pos)
-        value, pos = _decode_one(window, decoder, pos)
-        elements += 1
-        yield line, value if isinstance(value, dict) else _BadRow(f"expected a JSON object, got {_json_kind(value)}")
-    after = _next_token(window, pos + 1)
-    if after >= 0:
-        raise _BadFile(f"line {window.line_at(after)}",
-                       f"not valid JSON: text after the closing ']' (column {window.column_at(after)})")
-
-
-def _next_token(window: _TextWindow, pos: int) -> int:
-    """Index of the next non-space character at or after pos (reading more as needed), or -1 at the end."""
-    while True:
-        pos = _SPACE.match(window.text, pos).end()
-        if pos < len(window.text):
-            return pos
-        if not window.more(pos):
-            return -1
-        pos = 0
-
-
-def _decode_one(window: _TextWindow, decoder: json.JSONDecoder, pos: int) -> tuple[Any, int]:
-    """One JSON value starting at window.text[pos]. A value cut by the end of the window fails to
-    parse, so on failure the window grows; an error that more text does not move is a real one."""
-    last = None
-    while True:
-        try:
-            return decoder.raw_decode(window.text, pos)
-        except json.JSONDecodeError as exc:
-            error = (window.dropped + exc.pos, exc.msg)
-            if window.eof or (error == last and not exc.msg.startswith("Unterminated string")):
-                raise _BadFile(f"line {window.line_at(exc.pos)}",
-                               f"not valid JSON: {exc.msg} (column {window.column_at(exc.pos)})") from None
-            last = error
-            window.more(pos)  # keeps text[pos:] (the value so far) and appends the next block
-            pos = 0
-
-
-def _csv_rows(file: Path) -> Iterator[tuple[int, dict[str, str] | _BadRow]]:
-    limit = csv.field_size_limit(2**31 - 1)  # the default (128 KiB a cell) is smaller than some answers
-    reader = None
-    try:
-        with file.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                return
-            repeated = sorted({name for name in header if header.count(name) > 1})
-            if repeated:
-                raise _BadFile("line 1", f"column name(s) {', '.join(repr(r) for r in repeated)} repeated in the header")
-            start = reader.line_num + 1
-            for record in reader:
-                if record:  # blank lines are skipped, as pandas does
-                    yield start, (dict(zip(header, record)) if len(record) == len(header)
-                                  else _BadRow(f"{len(record)} fields, but the header has {len(header)}"))
-                start = reader.line_num + 1
-    except UnicodeDecodeError:
-        for _ in _utf8_blocks(file):  # finds the line of the first byte that is not UTF-8
-            pass
-        raise _BadFile("", "not UTF-8 text; save the file as UTF-8") from None
-    except csv.Error as exc:
-        raise _BadFile(f"line {reader.line_num if reader else 1}", f"not valid CSV: {exc}") from None
-    finally:
-        csv.field_size_limit(limit)
-
-
-def _parquet_rows(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(file).iter_batches(batch_size=1024)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise _BadFile("", f"not a readable parquet file ({_first_line(exc)})") from None
-    number = 0
-    while True:
-        try:
-            batch = next(batches, None)
-        except Exception as exc:  # a damaged row group
-            raise _BadFile(f"row {number + 1}", f"cannot be read ({_first_line(exc)})") from None
-        if batch is None:
-            return
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
-
-
-# ---------------------------------------------------------------------------------------------
-# what a source holds, for the phase config digest
-# ---------------------------------------------------------------------------------------------
-
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# Per (file, size, mtime_ns) or (hub id, revision): every phase digest asks again, within one process.
-_FINGERPRINTS: dict[tuple[Any, ...], dict[str, Any]] = {}
-
-
-def source_fingerprint(src: DatasetSource) -> dict[str, Any]:
-    """What a source holds. A local or builtin file: {"kind": "file", "size", "sha256"} of its
-    bytes (the recipe takes single files, no folders or globs). A hub dataset: {"kind": "hub", "id",
-    "revision": the commit if it can be found (the hub, or the local hub cache when offline), else
-    the recipe's revision, "resolved": whether it is a commit}. Cached within the process."""
-    if src.path is not None:
-        return _file_fingerprint(_local_file(src), src.describe())
-    return _hub_fingerprint(str(src.hub), src.revision)
-
-
-def _file_fingerprint(file: Path, name: str) -> dict[str, Any]:
-    try:
-        stat = file.stat()
-        key = ("file", str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _FINGERPRINTS:
-            _FINGERPRINTS[key] = {"kind": "file", "size": stat.st_size, "sha256": file_sha256(file, _CHUNK)}
-    except OSError as exc:
-        raise DataError(f"{name}: cannot read: {exc.strerror}") from None
-    return dict(_FINGERPRINTS[key])
-
-
-def _hub_fingerprint(repo_id: str, revision: str | None) -> dict[str, Any]:
-    key = ("hub", repo_id, revision)
-    if key not in _FINGERPRINTS:
-        commit = _hub_commit(repo_id, revision)
-        _FINGERPRINTS[key] = {"kind": "hub", "id": repo_id, "revision": commit or revision, "resolved": commit is not None}
-    return dict(_FINGERPRINTS[key])
-
-
-def _hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit a hub dataset's revision (default: main) names: a commit id as written, else the
-    hub's answer (not asked offline), else the ref the hub cache recorded at the last download."""
-    if revision is not None and _COMMIT.match(revision):
-        return revision
-    from huggingface_hub import constants
-
-    if not _hub_offline():
-        try:
-            from huggingface_hub import HfApi
-
-            sha = HfApi().dataset_info(repo_id, revision=revision, timeout=10).sha
-            if sha and _COMMIT.match(sha):
-                return sha
-        except Exception:  # unreachable, gated or unknown: the cache may still know
-            pass
-    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
-    try:
-        sha = ref.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return sha if _COMMIT.match(sha) else None
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    hub = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
-    return bool(hub) or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-# ---------------------------------------------------------------------------------------------
 # prompts (generative replay) and tokenized data
 # ---------------------------------------------------------------------------------------------
 
@@ -735,29 +349,13 @@ def to_prompt(row: dict[str, Any], src: DatasetSource, where: str) -> list[dict[
     """Only the prompt side of a row (generative replay answers it): alpaca instruction (+ input),
     the chat turns before the last assistant answer, or the mapped prompt column."""
     try:
-        return _prompt(row, src)
-    except _RowError as exc:
+        return FORMATS[src.format].prompt(row, src)
+    except RowError as exc:
         raise DataError(f"{where}: {exc}") from None
 
 
-def _prompt(row: dict[str, Any], src: DatasetSource) -> list[dict[str, str]]:
-    if src.format == "alpaca":
-        instruction, extra = _text(row, "instruction"), row.get("input") or ""
-        return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}]
-    if src.format == "messages":
-        turns = row.get(src.messages_column)
-        if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
-            turns = turns[:-1]
-        if not isinstance(turns, list) or not turns:
-            raise _RowError(f"column '{src.messages_column}': expected a non-empty chat list")
-        return _chat_turns(turns, src.messages_column)
-    assert src.columns is not None
-    return [{"role": "user", "content": _text(row, src.columns.prompt)}]
-
-
 def _prompt_example(row: dict[str, Any], src: DatasetSource) -> dict[str, Any]:
-    language = src.language if src.language is not None else _text(row, str(src.language_column))
-    return {"prompt": _prompt(row, src), "language": language}
+    return {"prompt": FORMATS[src.format].prompt(row, src), "language": row_language(row, src)}
 
 
 def load_prompts(src: DatasetSource, where: str, seed: int) -> list[dict[str, Any]]:
@@ -776,7 +374,7 @@ def load_prompts(src: DatasetSource, where: str, seed: int) -> list[dict[str, An
     for i in order:
         try:
             out.append(_prompt_example(raw[i], src))
-        except _RowError as exc:
+        except RowError as exc:
             raise DataError(f"{where} row {i}: {exc}") from None
     return out
 

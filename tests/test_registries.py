@@ -7,8 +7,9 @@ import typing
 
 import pytest
 
+from cft_adapters.formats import FORMATS
 from cft_adapters.placement import STRATEGIES
-from cft_adapters.recipe import PlacementConfig, RecipeError, ReplayConfig, load_recipe
+from cft_adapters.recipe import DatasetSource, PlacementConfig, RecipeError, ReplayConfig, load_recipe
 from cft_adapters.replay import KINDS
 
 from conftest import SMOKE
@@ -24,6 +25,34 @@ def test_placement_strategies_match_the_schema() -> None:
 
 def test_replay_kinds_match_the_schema() -> None:
     assert set(KINDS) == _literal(ReplayConfig, "kind")
+
+
+def test_data_formats_match_the_schema() -> None:
+    assert set(FORMATS) == _literal(DatasetSource, "format")
+
+
+def test_the_literal_helper_reads_the_schema_not_a_copy() -> None:
+    """The registry tests compare with the schema itself: a value added there shows up here."""
+    assert "alpaca" in _literal(DatasetSource, "format")
+    assert _literal(DatasetSource, "format") != set(FORMATS) | {"sharegpt"}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_format_reads_a_row_it_declares(name: str) -> None:
+    """Each entry's declared columns are the ones its reader needs: a row holding exactly those
+    columns converts, and a row missing any one of them is refused."""
+    from cft_adapters.formats import RowError
+
+    src = DatasetSource(path="builtin:smoke/en_tasks.jsonl", format=name, language="en",
+                        columns={"prompt": "q", "response": "a"} if name == "columns" else None)
+    fill = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    row = {c: fill.get(c, f"text of {c}") for c in FORMATS[name].columns(src)}
+    prompt, answer = FORMATS[name].conversation(row, src)
+    assert prompt[-1]["role"] == "user" and prompt[-1]["content"] and answer
+    assert FORMATS[name].prompt({c: row[c] for c in FORMATS[name].prompt_columns(src)}, src) == prompt
+    for column in FORMATS[name].columns(src):
+        with pytest.raises(RowError, match=column):
+            FORMATS[name].conversation({c: v for c, v in row.items() if c != column}, src)
 
 
 @pytest.mark.parametrize("name", sorted(s for s, v in STRATEGIES.items() if v.needs_count))
