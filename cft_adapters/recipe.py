@@ -5,10 +5,8 @@ Only this module and the CLI read YAML or argv. Everything below takes the typed
 
 from __future__ import annotations
 
-import difflib
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (
@@ -23,9 +21,11 @@ from pydantic import (
     model_validator,
 )
 
+from cft_adapters.config_errors import allowed_keys, format_loc, validation_lines  # noqa: F401  (re-exported)
 from cft_adapters.errors import RecipeError
+from cft_adapters.recipe_rules import parse_layers, raw_cross_problems, source_problems  # noqa: F401  (re-exported)
+from cft_adapters.recipe_yaml import BUILTIN_PREFIX, _read_with_extends, apply_override, deep_merge, parse_override  # noqa: F401  (re-exported)
 
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA_DIR = Path(__file__).parent / "data"
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 SEED_MAX = 2**32 - 1  # numpy.random.seed takes 0 .. 2**32-1; torch.manual_seed takes more, so numpy's range is the limit
@@ -239,28 +239,6 @@ class DatasetSource(_Strict):
         return self.hub if self.hub is not None else str(self.path)
 
 
-def source_problems(src: dict[str, Any]) -> list[str]:
-    """Rules across the keys of one data source. Shared by the model validator and the raw-dict
-    pass (which still runs when a field of the source is invalid, so all problems show at once)."""
-    given = {k for k, v in src.items() if v is not None}
-    problems = []
-    if ("hub" in given) == ("path" in given):
-        problems.append("set exactly one of 'hub' and 'path'")
-    if ("language" in given) == ("language_column" in given):
-        problems.append("set exactly one of 'language' and 'language_column'")
-    fmt = src.get("format", "alpaca")
-    if fmt == "columns" and "columns" not in given:
-        problems.append("format 'columns' needs 'columns' (prompt, response)")
-    if fmt != "columns" and "columns" in given:
-        problems.append(f"'columns' is only used with format 'columns', not '{fmt}'")
-    if {"max_examples", "fraction"} <= given:
-        problems.append("set at most one of 'max_examples' and 'fraction'")
-    hub_only = sorted(given & {"name", "data_files", "revision"} | ({"split"} if src.get("split", "train") != "train" else set()))
-    if "path" in given and hub_only:
-        problems.append(f"{', '.join(repr(k) for k in hub_only)} apply to 'hub' sources only (a local file has one split)")
-    return problems
-
-
 def builtin_data_path(value: str) -> Path:
     """`builtin:smoke/en_tasks.jsonl` -> the file inside the installed package (see builtin_data_problem)."""
     return BUILTIN_DATA_DIR / value.removeprefix(BUILTIN_PREFIX)
@@ -395,28 +373,6 @@ class Recipe(_Strict):
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[int]:
-    """'0-7,12' or [0, 1] -> sorted unique indices, checked against num_layers when known."""
-    if isinstance(spec, list):
-        layers = list(spec)
-    else:
-        layers = []
-        for part in (p.strip() for p in spec.split(",")):
-            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-            if not match:
-                raise ValueError(f"cannot read layer range '{part}' (expected e.g. '0-7,12')")
-            lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
-            if hi < lo:
-                raise ValueError(f"layer range '{part}' runs backwards")
-            layers.extend(range(lo, hi + 1))
-    if num_layers is not None:
-        bad = [i for i in layers if i < 0 or i >= num_layers]
-        if bad:
-            raise ValueError(f"layer(s) {bad} out of range: the model has layers 0-{num_layers - 1}")
-    return sorted(set(layers))
-
-
-
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge (`extends`), override and validate a recipe. Raises RecipeError listing every problem."""
     path = Path(path)
@@ -440,344 +396,11 @@ def validate_recipe(raw: dict[str, Any], *, source: str, base_dir: Path) -> Reci
     try:
         recipe = Recipe.model_validate(raw, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
-        lines += _format_validation_error(exc, source, covered={loc for loc, _ in cross})
+        lines += validation_lines(exc, source, Recipe, covered={loc for loc, _ in cross})
         raise RecipeError(list(dict.fromkeys(lines))) from None
     if lines:
         raise RecipeError(lines)
     return recipe
-
-
-def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rules that span keys, checked on the raw dict so they run even when fields are invalid."""
-    problems: list[tuple[str, str]] = []
-    phases = raw.get("phases")
-    if not isinstance(phases, list):
-        return problems
-    if raw.get("mixed_baseline") is True:
-        for i, phase in enumerate(phases):
-            for key in ("placement", "replay", "training"):
-                if isinstance(phase, dict) and phase.get(key):
-                    problems.append((f"phases[{i}].{key}", "not used with mixed_baseline: the single mixed phase "
-                                     "takes the top-level training settings"))
-    seen: dict[str, int] = {}
-    for i, phase in enumerate(phases):
-        if not isinstance(phase, dict):
-            continue
-        name = phase.get("name")
-        if isinstance(name, str):
-            if name in seen:
-                problems.append((f"phases[{i}].name", f"duplicate phase name '{name}' (also phases[{seen[name]}].name)"))
-            seen.setdefault(name, i)
-        placement = phase.get("placement")
-        ref = placement.get("reference_phase") if isinstance(placement, dict) else None
-        if ref is not None and seen.get(ref, i) >= i:
-            problems.append((f"phases[{i}].placement.reference_phase", f"'{ref}' must name an earlier phase of this recipe"))
-        replay = phase.get("replay")
-        if isinstance(replay, dict) and replay.get("kind") == "real" and not replay.get("source") and i == 0:
-            problems.append((f"phases[{i}].replay", "real replay without 'source' replays earlier phases' data, "
-                             "and this is the first phase"))
-        if isinstance(placement, dict) and placement.get("strategy") == "most_changed" and i == 0:
-            problems.append((f"phases[{i}].placement.strategy", "'most_changed' ranks layers by an earlier trained "
-                             "phase's adapter change, and this is the first phase"))
-        if isinstance(placement, dict) and isinstance(placement.get("layers"), str):
-            try:
-                parse_layers(placement["layers"])
-            except ValueError as exc:
-                problems.append((f"phases[{i}].placement.layers", str(exc)))
-        datasets = phase.get("datasets")
-        for j, src in enumerate(datasets if isinstance(datasets, list) else []):
-            if isinstance(src, dict):
-                problems += [(f"phases[{i}].datasets[{j}]", p) for p in source_problems(src)]
-    return problems
-
-
-class _DuplicateKeys(yaml.YAMLError):
-    def __init__(self, found: list[tuple[str, int, int]]):
-        self.found = found  # (key path, first line, repeated line)
-        super().__init__("; ".join(f"{loc}: duplicate key (lines {a} and {b})" for loc, a, b in found))
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key written twice in one mapping is an error: plain YAML keeps
-    the last silently. Keys merged in with `<<: *anchor` may still be overridden, as YAML intends."""
-
-    def get_single_data(self) -> Any:
-        node = self.get_single_node()
-        if node is None:
-            return None
-        found = _duplicate_keys(node, self)
-        if found:
-            raise _DuplicateKeys(found)
-        return self.construct_document(node)
-
-
-def _duplicate_keys(root: yaml.Node, loader: yaml.SafeLoader) -> list[tuple[str, int, int]]:
-    """Every key written twice in one mapping, with its key path and both lines, before construction."""
-    found: list[tuple[str, int, int]] = []
-    visited: set[int] = set()
-    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
-    while stack:
-        node, loc = stack.pop()
-        if id(node) in visited:  # an alias: the anchored node was checked where it was written
-            continue
-        visited.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            stack += [(item, (*loc, i)) for i, item in enumerate(node.value)]
-        elif isinstance(node, yaml.MappingNode):
-            first_line: dict[Any, int] = {}
-            for key_node, value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges mappings, checked as written
-                    stack.append((value_node, loc))
-                    continue
-                key = _key_of(key_node, loader)
-                child = (*loc, str(key))
-                line = key_node.start_mark.line + 1
-                if key in first_line:
-                    found.append((format_loc(child), first_line[key], line))
-                else:
-                    first_line[key] = line
-                stack.append((value_node, child))
-    return sorted(found, key=lambda item: item[2])
-
-
-def _key_of(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
-    """The key as YAML constructs it (so `1` and `01` are one key), or its node text when unhashable."""
-    if isinstance(node, yaml.ScalarNode):
-        try:
-            key = loader.construct_object(node)
-            hash(key)
-            return key
-        except (yaml.YAMLError, TypeError):
-            pass
-    return (node.tag, repr(node.value))
-
-
-def _safe_load(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError([f"{path}: recipe file not found"])
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError([f"{path}: cannot read: {exc.strerror}"]) from None
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - raw.rfind(b"\n", 0, exc.start)
-        raise RecipeError([f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, column {column}); "
-                           "save the file as UTF-8"]) from None
-    try:
-        data = _safe_load(text)
-    except _DuplicateKeys as exc:
-        raise RecipeError([f"{path}: {loc}: key written twice ({f'lines {a} and {b}' if a != b else f'both on line {a}'}); "
-                           "YAML would silently keep only the last, so remove one" for loc, a, b in exc.found]) from None
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        raise RecipeError([f"{path}: not valid YAML (line {line}): character #x{exc.character:04x} is not "
-                           "allowed in YAML"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError([f"{path}: not valid YAML{where}: {problem}"]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError([f"{path}: expected a mapping of recipe keys at the top level, got {type(data).__name__}"])
-    return data
-
-
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, resolved))
-        raise RecipeError([f"{path}: extends: cycle {cycle}"])
-    data = _absolutize_paths(_read_yaml(path), path.parent)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise RecipeError([f"{path}: extends: expected a path to another recipe, got {parent!r}"])
-    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-    if not parent_path.is_file():
-        raise RecipeError([f"{path}: extends: recipe file not found: {parent_path}"])
-    return deep_merge(_read_with_extends(parent_path, (*chain, resolved)), data)
-
-
-def _absolutize_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Relative data paths are relative to the file that wrote them, also through `extends`."""
-
-    def fix(src: Any) -> None:
-        if isinstance(src, dict) and isinstance(src.get("path"), str):
-            value = src["path"]
-            if not value.startswith(BUILTIN_PREFIX) and not Path(value).expanduser().is_absolute():
-                src["path"] = str((base_dir / value).resolve())
-
-    for phase in data.get("phases") or []:
-        if not isinstance(phase, dict):
-            continue
-        for src in phase.get("datasets") or [] if isinstance(phase.get("datasets"), list) else []:
-            fix(src)
-        if isinstance(phase.get("replay"), dict):
-            fix(phase["replay"].get("prompts"))
-            fix(phase["replay"].get("source"))
-    return data
-
-
-def deep_merge(base: Any, child: Any) -> Any:
-    """Child wins. Mappings merge key by key. Lists of mappings that all carry a 'name' (phases) merge
-    by name, keeping the base order and appending new names; any other list is replaced whole."""
-    if isinstance(base, dict) and isinstance(child, dict):
-        merged = dict(base)
-        for key, value in child.items():
-            merged[key] = deep_merge(base[key], value) if key in base else value
-        return merged
-    if _named_list(base) and _named_list(child):
-        merged_list = list(base)
-        index = {item["name"]: i for i, item in enumerate(base)}
-        for item in child:
-            if item["name"] in index:
-                merged_list[index[item["name"]]] = deep_merge(base[index[item["name"]]], item)
-            else:
-                merged_list.append(item)
-        return merged_list
-    return child
-
-
-def _named_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
-
-
-_OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*)=(?P<value>.*)$", re.S)
-_SEGMENT = re.compile(r"\.?([A-Za-z_]\w*)|\[(\d+)\]")
-
-
-def parse_override(text: str) -> tuple[list[str | int], Any]:
-    match = _OVERRIDE.match(text)
-    if not match:
-        raise ValueError("expected key.path=value, e.g. phases[1].training.learning_rate=1e-4")
-    segments: list[str | int] = [
-        name if name else int(index) for name, index in _SEGMENT.findall(match.group("key"))
-    ]
-    try:
-        value = _safe_load(match.group("value")) if match.group("value") != "" else None
-    except _DuplicateKeys as exc:
-        keys = ", ".join(f"'{loc}'" for loc, _, _ in exc.found)
-        raise ValueError(f"the value writes {keys} twice; YAML would silently keep only the last") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"value is not valid YAML: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
-    return segments, value
-
-
-def apply_override(raw: dict[str, Any], text: str) -> None:
-    segments, value = parse_override(text)
-    node: Any = raw
-    for depth, segment in enumerate(segments[:-1]):
-        nxt = segments[depth + 1]
-        where = format_loc(segments[: depth + 1])
-        if isinstance(segment, int):
-            if not isinstance(node, list) or segment >= len(node):
-                size = len(node) if isinstance(node, list) else 0
-                raise ValueError(f"{where}: index out of range (the list has {size} items)")
-            if node[segment] is None:
-                node[segment] = [] if isinstance(nxt, int) else {}
-            node = node[segment]
-        else:
-            if not isinstance(node, dict):
-                raise ValueError(f"{where}: cannot set a key inside a {type(node).__name__}")
-            if node.get(segment) is None:
-                if isinstance(nxt, int):
-                    raise ValueError(f"{where}: no list here to index")
-                node[segment] = {}
-            node = node[segment]
-    last = segments[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise ValueError(f"{format_loc(segments)}: index out of range")
-        node[last] = value
-    else:
-        if not isinstance(node, dict):
-            raise ValueError(f"{format_loc(segments[:-1])}: cannot set a key inside a {type(node).__name__}")
-        node[last] = value
-
-
-def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _format_validation_error(exc: ValidationError, source: str, covered: set[str] = frozenset()) -> list[str]:
-    """One line per key path. `covered`: paths whose cross-key rules the raw pass reported already."""
-    by_loc: dict[str, list[str]] = {}
-    for err in exc.errors(include_url=False):
-        loc = _clean_loc(err["loc"])
-        where = format_loc(loc) or "(top level)"
-        if err["type"] == "value_error" and where in covered:
-            continue
-        if err["type"] == "extra_forbidden":
-            allowed = allowed_keys(loc[:-1])
-            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            msg = "unknown key; " + (f"did you mean '{hint[0]}'? " if hint else "") + f"allowed: {', '.join(allowed)}"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = _short(err.get("input"))
-            if got is not None and err["type"] != "value_error":
-                msg += f", got {got}"
-        if msg not in by_loc.setdefault(where, []):
-            by_loc[where].append(msg)
-    # A union field (e.g. str | list[int]) fails once per member: one line, alternatives joined.
-    return [f"{source}: {where}: {' | or: '.join(msgs)}" for where, msgs in by_loc.items()]
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop pydantic's union-member segments ('str', 'list[int]', 'literal[...]')."""
-    cleaned = []
-    for part in loc:
-        if isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or part.startswith("function-")):
-            continue
-        cleaned.append(part)
-    return tuple(cleaned)
-
-
-def _short(value: Any) -> str | None:
-    if isinstance(value, (dict, list)) and len(repr(value)) > 60:
-        return f"a {type(value).__name__}"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys a mapping at `loc` accepts, found by walking the schema."""
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
-            return []
-        model = _model_of(model.model_fields[part].annotation)
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
-
-
-def _model_of(annotation: Any) -> Any:
-    """The BaseModel inside Optional[...] / list[...], if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) in (Union, list, getattr(__import__("types"), "UnionType", Union)):
-        for arg in get_args(annotation):
-            found = _model_of(arg)
-            if found is not None:
-                return found
-    return None
 
 
 def dump_recipe(recipe: Recipe) -> str:
