@@ -90,6 +90,76 @@ def test_spectrum_ranks_low_rank_signal_above_noise() -> None:
     assert select_layers_spectrum({0: 3.0, 1: 1.0, 2: 2.0, 3: 5.0}, 2) == [1, 2]
 
 
+def _pair(g: torch.Generator, b_scale: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(2, 8, generator=g), b_scale * torch.randn(8, 2, generator=g)
+
+
+def test_most_changed_freezes_the_layers_whose_update_moved_most() -> None:
+    """Six layers, built so that the answer is known without ranking anything: the updates B·A of
+    layers 3 and 5 move a lot, the others barely. Two decoys: layer 1 has by far the largest update
+    but it does not move, and layer 2's parameters move a lot (B x4, A /4) while its update B·A stays
+    exactly the same. Ranking by update size or by parameter change would pick them instead."""
+    from cft_adapters.placement import PlacementInputs, choose_placement
+
+    g = torch.Generator().manual_seed(0)
+    start, end = {}, {}
+    for layer in range(6):
+        for module in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            a, b = _pair(g, b_scale={1: 10.0, 2: 1.0}.get(layer, 0.1))
+            a_end, b_end = a, b + 1e-3 * torch.randn(8, 2, generator=g)
+            if layer == 1:
+                b_end = b
+            if layer == 2:
+                a_end, b_end = a / 4, b * 4
+            if layer in (3, 5):
+                b_end = b + torch.randn(8, 2, generator=g)
+            start.update({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b})
+            end.update({f"{prefix}.lora_A.weight": a_end, f"{prefix}.lora_B.weight": b_end})
+
+    def frozen(cfg: PlacementConfig, before: dict[str, torch.Tensor] | None) -> list[int]:
+        inputs = PlacementInputs(cfg, num_layers=6, seed=0, modules=None,
+                                 adapter_change=lambda: (layer_delta_norms(before, end, scale=2.0, num_layers=6), {}))
+        return choose_placement(inputs).frozen
+
+    assert frozen(PlacementConfig(strategy="most_changed", count=2), start) == [3, 5]
+    assert frozen(PlacementConfig(strategy="most_changed", fraction=0.34), start) == [3, 5]
+    # From a fresh adapter (B = 0 before the reference phase) the whole update is the change: layer 1 leads.
+    assert frozen(PlacementConfig(strategy="most_changed", count=1), None) == [1]
+
+
+def test_spectrum_freezes_the_noise_layers(tmp_path) -> None:
+    """A four-layer model whose layers 1 and 2 hold pure noise, ten times larger than the low-rank
+    signal (plus a little noise) of layers 0 and 3: the noise layers have the lowest SNR and are the
+    ones frozen, although their weights are the largest."""
+    from torch import nn
+
+    from cft_adapters.placement import PlacementInputs, choose_placement, spectrum_scan
+
+    g = torch.Generator().manual_seed(0)
+
+    def weight(noise_only: bool) -> torch.Tensor:
+        if noise_only:
+            return torch.randn(64, 64, generator=g)
+        return 0.05 * torch.randn(64, 3, generator=g) @ torch.randn(3, 64, generator=g) + 0.01 * torch.randn(64, 64, generator=g)
+
+    base = nn.Module()
+    base.model = nn.Module()
+    base.model.layers = nn.ModuleList()
+    for layer in range(4):
+        block = nn.Module()
+        block.self_attn = nn.Module()
+        for module in ("q_proj", "v_proj"):
+            linear = nn.Linear(64, 64, bias=False)
+            linear.weight.data = weight(noise_only=layer in (1, 2))
+            setattr(block.self_attn, module, linear)
+        base.model.layers.append(block)
+    scan = spectrum_scan(base, ["q_proj", "v_proj"], "constructed", tmp_path)
+    cfg = PlacementConfig(strategy="spectrum", count=2)
+    placement = choose_placement(PlacementInputs(cfg, num_layers=4, seed=0, modules=None, spectrum=lambda: scan))
+    assert placement.frozen == [1, 2] and placement.trainable == [0, 3]
+
+
 def test_most_changed_in_the_first_phase_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match=r"phases\[0\]\.placement\.strategy: 'most_changed' ranks layers by an earlier"):
         load_recipe(SMOKE, ["phases[0].placement={strategy: most_changed, count: 1}"])
@@ -151,9 +221,18 @@ def test_frozen_adapters_bitwise_unchanged_trainable_ones_trained(tmp_path, plac
     assert sorted(info["frozen"] + info["trainable"]) == [0, 1, 2, 3]
     if info["strategy"] in {"most_changed", "spectrum"}:
         assert set(info["scores"]) == {"0", "1", "2", "3"}
-        scores = {int(k): v for k, v in info["scores"].items()}
-        pick = select_layers_most_changed if info["strategy"] == "most_changed" else select_layers_spectrum
-        assert pick(scores, len(info["frozen"])) == info["frozen"]
+    if info["strategy"] == "most_changed":
+        # The reference is phase 1, whose adapter started at B = 0: its change is its whole update
+        # scale·B·A, summed over the layer's modules; the half of the layers that changed most is frozen.
+        adapter = load_recipe(out / "recipe.resolved.yaml").adapter
+        change = {}
+        for layer, tensors in before.items():
+            pairs = [(tensors[n.replace(".lora_A.", ".lora_B.")], tensors[n]) for n in tensors if ".lora_A." in n]
+            change[layer] = sum(float(torch.linalg.matrix_norm(adapter.alpha / adapter.r * b.float() @ a.float())) for b, a in pairs)
+        assert {int(k): v for k, v in info["scores"].items()} == pytest.approx(change, rel=1e-4)
+        assert info["frozen"] == sorted(sorted(change, key=change.__getitem__, reverse=True)[:2])
+    if info["strategy"] == "spectrum":  # the lowest-SNR layer (which layer that is: test_spectrum_freezes_the_noise_layers)
+        assert info["frozen"] == [int(min(info["scores"], key=info["scores"].__getitem__))]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from cft_adapters.cli import main
 from cft_adapters.errors import CftError, RecipeError
 from cft_adapters.manifest import RunManifest
 from cft_adapters.recipe import load_recipe
-from cft_adapters.replay import ReplayCollator, is_replay_slot
+from cft_adapters.replay import ReplayCollator
 
 from conftest import SMOKE
 

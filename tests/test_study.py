@@ -78,11 +78,6 @@ def test_shipped_study_files_validate_with_every_condition(name: str) -> None:
     assert len({phase_keys(c.recipe)[2] for c in first_seed}) == len(study.conditions)
 
 
-def test_accelerate_config_is_data_parallel() -> None:
-    cfg = yaml.safe_load((ROOT / "recipes" / "accelerate" / "ddp.yaml").read_text())
-    assert cfg["distributed_type"] == "MULTI_GPU" and cfg["num_processes"] >= 2
-
-
 # -- bundled data and tasks -------------------------------------------------------------------
 
 
