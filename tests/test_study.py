@@ -41,7 +41,8 @@ def test_study_errors_name_the_file_and_key(tmp_path: Path) -> None:
     text = "\n".join(info.value.problems)
     assert f"{bad}: seeds: " in text and "at least 1 seed" in text
     assert f"{bad}: colour: unknown key" in text
-    assert f"{bad}: conditions[1].override: unknown key; allowed: name, recipe, overrides" in text
+    # the recipe's formatter (config_errors): a did-you-mean, then the keys allowed there
+    assert f"{bad}: conditions[1].override: unknown key; did you mean 'overrides'? allowed: name, recipe, overrides" in text
 
 
 def test_duplicate_names_and_unknown_reference_are_errors(tmp_path: Path) -> None:

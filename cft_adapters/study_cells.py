@@ -1,0 +1,160 @@
+"""A study's cells (one run directory per condition and seed), and the phases one cell may take
+from another instead of retraining them (same phase key: config digest and evaluation)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cft_adapters.errors import CftError, RecipeError
+from cft_adapters.manifest import RunManifest, dumps_canonical, package_versions
+from cft_adapters.recipe import Recipe, load_recipe
+from cft_adapters.study_config import Study
+from cft_adapters.util.digest import short_digest
+from cft_adapters.util.fs import make_temp_dir, publish_dir
+
+
+@dataclass
+class Cell:
+    condition: str
+    seed: int
+    recipe: Recipe
+    recipe_path: str
+    run_dir: Path
+    shared: list[str] = field(default_factory=list)
+    status: str = "pending"  # pending | done | skipped | failed
+    wall_seconds: float | None = None
+
+
+def _cell_dir(study: Study, condition: str, seed: int) -> Path:
+    return Path(study.output_dir) / "cells" / condition / f"seed_{seed}"
+
+
+def load_cells(study: Study, study_path: Path, budgets: dict[int, dict[int, int]] | None = None) -> list[Cell]:
+    """Every (seed, condition) recipe, seeds outermost (so a seed's shared phase 1 is trained once,
+    by its first condition). `budgets`: seed -> {phase index: token budget}."""
+    cells, problems = [], []
+    for seed in study.seed_list:
+        for i, cond in enumerate(study.conditions):
+            recipe_path = (study_path.parent / cond.recipe)
+            extra = [f"training.seed={seed}", f"output_dir={_cell_dir(study, cond.name, seed)}"]
+            extra += [f"phases[{k}].training.token_budget={b}" for k, b in sorted((budgets or {}).get(seed, {}).items())]
+            try:
+                recipe = load_recipe(recipe_path, [*study.overrides, *cond.overrides, *extra])
+            except CftError as exc:
+                problems += [f"{study_path}: conditions[{i}] ({cond.name}): {p}" for p in exc.problems]
+                continue
+            cells.append(Cell(cond.name, seed, recipe, str(recipe_path), _cell_dir(study, cond.name, seed)))
+        if problems:  # the same problems would repeat for every seed
+            break
+    if problems:
+        raise RecipeError(problems)
+    _check_comparable(cells, study_path)
+    return cells
+
+
+def _check_comparable(cells: list[Cell], study_path: Path) -> None:
+    first = cells[0]
+    problems = []
+    for cell in cells:
+        if cell.recipe.model != first.recipe.model:
+            problems.append(f"{study_path}: conditions '{cell.condition}' and '{first.condition}' use different models; "
+                            "a study compares conditions on one base model")
+        if cell.recipe.eval != first.recipe.eval:
+            problems.append(f"{study_path}: conditions '{cell.condition}' and '{first.condition}' evaluate differently "
+                            "(eval.*); the scores would not be comparable")
+        if not cell.recipe.eval.tasks:
+            problems.append(f"{study_path}: condition '{cell.condition}': eval.tasks is empty; a study needs scores")
+    if problems:
+        raise RecipeError(list(dict.fromkeys(problems)))
+
+
+def phase_keys(recipe: Recipe) -> list[str]:
+    """What makes phase k's checkpoint and scores reusable by another cell: phase 0 (the base) by the
+    model and the evaluation; phase k >= 1 by its config_digest and the evaluation."""
+    from cft_adapters.reconcile import phase_config_digest
+
+    eval_part = dumps_canonical(recipe.eval.model_dump(mode="json"))
+    base = short_digest(dumps_canonical(recipe.model.model_dump(mode="json")) + eval_part)
+    keys = [base]
+    for k in range(1, len(recipe.run_phases()) + 1):
+        keys.append(short_digest(phase_config_digest(recipe, k) + eval_part))
+    return keys
+
+
+def _finished_phases(manifest: RunManifest, keys_of_donor: list[str], keys: list[str]) -> int:
+    """How many leading phases (counting phase 0) of the donor this cell can reuse."""
+    n = 0
+    for k, rec in enumerate(manifest.phases):
+        if k >= len(keys) or keys_of_donor[k] != keys[k] or rec.status != "done" or rec.eval_status != "done":
+            break
+        n += 1
+    return n
+
+
+def _state_key(cell: Cell) -> str:
+    return f"{cell.condition}/seed_{cell.seed}"
+
+
+def cell_finished(cell: Cell, state: dict[str, Any]) -> bool:
+    """Every phase trained and scored, under exactly the settings the study asks for now: the keys
+    recorded when the cell ran (digests of model, adapter, phases, budgets and evaluation) must equal
+    today's. A cell of an edited study is never reported from stale results."""
+    path = cell.run_dir / "run.json"
+    recorded = state.get("cells", {}).get(_state_key(cell), {}).get("keys")
+    if not path.is_file() or recorded != phase_keys(cell.recipe):
+        return False
+    try:
+        manifest = RunManifest.read(cell.run_dir)
+    except ValueError:
+        return False
+    wanted = set(cell.recipe.eval.tasks)
+    return len(manifest.phases) == len(cell.recipe.run_phases()) + 1 and all(
+        r.status == "done" and r.eval_status == "done" and wanted <= set(r.eval_tasks) for r in manifest.phases
+    )
+
+
+def share_into(cell: Cell, donors: list[Cell], state: dict[str, Any]) -> list[str]:
+    """Copy the longest run of reusable finished phases from a donor cell into a new cell directory.
+    A donor's phases are matched by the keys recorded when it ran (not by its recipe today).
+    Everything is assembled in a temporary folder and renamed into place in one step."""
+    if cell.run_dir.exists():
+        return []
+    keys = phase_keys(cell.recipe)
+    best, best_n = None, 0
+    for donor in donors:
+        donor_keys = state.get("cells", {}).get(_state_key(donor), {}).get("keys")
+        if not donor_keys or not (donor.run_dir / "run.json").is_file():
+            continue
+        manifest = RunManifest.read(donor.run_dir)
+        n = _finished_phases(manifest, donor_keys, keys)
+        if n > best_n:
+            best, best_n = (donor, manifest), n
+    if best is None:
+        return []
+    donor, manifest = best
+    tmp = make_temp_dir(cell.run_dir.parent, f".{cell.run_dir.name}.share-")
+    records, shared = [], []
+    for rec in manifest.phases[:best_n]:
+        src = donor.run_dir / rec.dirname
+        if src.is_dir():
+            shutil.copytree(src, tmp / rec.dirname, ignore=shutil.ignore_patterns("trainer", ".adapter.tmp-*"))
+        copy = rec.model_copy(deep=True)
+        copy.shared_from = os.path.relpath(src, cell.run_dir)  # type: ignore[attr-defined]
+        records.append(copy)
+        shared.append(rec.dirname)
+    RunManifest(
+        recipe=cell.recipe_path, base_model=manifest.base_model, base_model_path=manifest.base_model_path,
+        seed=cell.recipe.training.seed, eval_base_precision=manifest.eval_base_precision,
+        versions=package_versions(), phases=records,
+    ).write(tmp)
+    publish_dir(tmp, cell.run_dir)
+    return shared
+
+
+# ---------------------------------------------------------------------------------------------
+# token budgets
+# ---------------------------------------------------------------------------------------------

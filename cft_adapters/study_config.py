@@ -1,0 +1,72 @@
+"""The study file: conditions (a recipe plus overrides) x seeds. Its errors are reported like a
+recipe's (config_errors): one line per key path, with a did-you-mean for unknown keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cft_adapters.config_errors import validation_lines
+from cft_adapters.errors import RecipeError
+from cft_adapters.recipe import PHASE_NAME, _Strict
+
+
+class StudyCondition(_Strict):
+    name: str = Field(pattern=PHASE_NAME, description="Condition name (lowercase letters, digits, '_' or '-').")
+    recipe: str = Field(description="Recipe file, relative to the study file.")
+    overrides: list[str] = Field(default_factory=list, description="Dotted overrides for this condition, after the study's.")
+
+
+class Study(_Strict):
+    description: str | None = Field(None, description="What the study compares.")
+    output_dir: str = Field(description="Study directory; cells go to <output_dir>/cells/<condition>/seed_<s>/.")
+    seeds: int | list[int] = Field(3, description="Number of seeds (0..n-1), or the seeds themselves.")
+    reference: str | None = Field(None, description="Condition the Δ columns compare with (default: the first).")
+    match_tokens: bool = Field(True, description="Give every condition the same token budget per phase.")
+    overrides: list[str] = Field(default_factory=list, description="Dotted overrides applied to every condition.")
+    conditions: list[StudyCondition] = Field(min_length=1, description="The conditions, each a recipe plus overrides.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("expected at least 1 seed")
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("expected a non-empty list of distinct seeds")
+        return value
+
+    @model_validator(mode="after")
+    def _names(self) -> Study:
+        names = [c.name for c in self.conditions]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"conditions: duplicate name(s) {', '.join(dupes)}")
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"reference: '{self.reference}' is not a condition (conditions: {', '.join(names)})")
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference or self.conditions[0].name
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: study file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{path}: not valid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{path}: expected a mapping of study keys at the top level"])
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(validation_lines(exc, str(path), Study)) from None
