@@ -22,6 +22,7 @@ from cft_adapters import modeling
 from cft_adapters.errors import RecipeError
 from cft_adapters.manifest import write_atomic
 from cft_adapters.recipe import EvalConfig, ModelConfig
+from cft_adapters.task_semantics import TaskSemanticsError, unclassified_tasks
 from cft_adapters.tasks_path import tasks_dir
 
 
@@ -45,9 +46,13 @@ def unknown_tasks(names: list[str]) -> list[str]:
 
 
 def check_eval_tasks(eval_cfg: EvalConfig, source: str) -> None:
+    """Every task is known to lm-eval, and the report can classify it (before anything trains)."""
     problems = unknown_tasks(eval_cfg.tasks)
     if problems:
         raise RecipeError([f"{source}: {p}" for p in problems])
+    problems = unclassified_tasks(eval_cfg.tasks)
+    if problems:
+        raise TaskSemanticsError([f"{source}: {p}" for p in problems])
 
 
 def training_precision(model: ModelConfig) -> str:

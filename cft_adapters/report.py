@@ -1,11 +1,16 @@
 """The forgetting/gain report: English task ability (EA) and multilingual language ability (MA)
 of every phase's model, from the per-task scores in run.json.
 
+What each task measures is declared in the task YAMLs, not here (`task_semantics.py`,
+`lm_eval_tasks/README.md`): every scoring unit has an ability (EA or MA), a language and a primary
+metric. A requested task the report cannot classify is an error naming it (TaskSemanticsError).
+
 Definitions (the paper leaves the averaging open; these are ours):
-- A *scoring unit* is a member task of an ability group (cft_en, cft_ml_seen, ...), expanded until a
-  task or a group that lm-eval aggregates itself (mmlu, global_mmlu_fr) is reached.
-- Each unit contributes its *primary metric* (PRIMARY_METRICS), on a 0-1 scale.
-- EA = unweighted mean over English units. MA_seen / MA_unseen = unweighted mean over units whose
+- A *scoring unit* is a requested task with a declaration, or a member of a group of ours (cft_en,
+  cft_ml_seen, ...) expanded until a declared task or a declared lm-eval group (mmlu,
+  global_mmlu_fr, which lm-eval aggregates itself) is reached.
+- Each unit contributes its *primary metric*, on a 0-1 scale.
+- EA = unweighted mean over EA units. MA_seen / MA_unseen = unweighted mean over MA units whose
   language is / is not among the languages of the run's training data (other than English).
 - Δ0 = score - phase 0's score. Δbest = score - the best earlier phase's score.
 - Forgetting (per phase k) = max over phases j ≤ k of EA_j, minus EA_k (≥ 0).
@@ -15,63 +20,21 @@ Definitions (the paper leaves the averaging open; these are ours):
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
 
 from cft_adapters.manifest import RunManifest, write_atomic
-
-# (task name or glob, metric). The first match wins. Scale: every metric listed is in [0, 1].
-PRIMARY_METRICS: list[tuple[str, str]] = [
-    ("ifeval", "prompt_level_strict_acc"),
-    ("mmlu", "acc"),
-    ("hellaswag", "acc_norm"),
-    ("cft_xlsum_*", "rougeL"),
-    ("xquad_*", "f1"),
-    ("mlqa_*", "f1"),
-    ("global_mmlu_*", "acc"),
-    ("cft_langfid_*", "langfid"),
-    ("cft_smoke_en_mc", "acc"),
-    ("cft_smoke_en_gen", "rougeL"),
-    ("cft_smoke_ml_*", "chrf"),
-    ("cft_mini_en_mc", "acc"),
-    ("cft_mini_en_qa", "contains"),
-    ("cft_mini_ml_*", "contains"),
-]
-ABILITY_GROUPS = {"cft_en", "cft_ml", "cft_ml_seen", "cft_ml_unseen", "cft_smoke_en", "cft_smoke_ml", "cft_mini_en", "cft_mini_ml"}
-_ENGLISH_TASKS = {"ifeval", "mmlu", "hellaswag", "cft_smoke_en_mc", "cft_smoke_en_gen", "cft_mini_en_mc", "cft_mini_en_qa"}
-_LANG_SUFFIX = re.compile(r"^(?:cft_xlsum|cft_langfid|cft_smoke_ml|cft_mini_ml|xquad|global_mmlu|global_mmlu_full|mlqa)_([a-z]{2})(?:_[a-z]{2})?$")
-
-
-def task_language(name: str) -> str | None:
-    if name in _ENGLISH_TASKS:
-        return "en"
-    match = _LANG_SUFFIX.match(name)
-    return match.group(1) if match else None
-
-
-def primary_metric(name: str) -> str | None:
-    return next((metric for pattern, metric in PRIMARY_METRICS if fnmatch.fnmatchcase(name, pattern)), None)
-
-
-def scoring_units(requested: list[str], groups: dict[str, list[str]]) -> list[str]:
-    units: list[str] = []
-    for name in requested:
-        if name in ABILITY_GROUPS and name in groups:
-            units += scoring_units(groups[name], groups)
-        elif name not in units:
-            units.append(name)
-    return units
+from cft_adapters.task_semantics import Semantics, classify
 
 
 @dataclass
 class PhaseScores:
     index: int
     name: str
-    units: dict[str, float] = field(default_factory=dict)
+    units: dict[str, float] = field(default_factory=dict)  # unit -> its primary metric, where scored
+    semantics: dict[str, Semantics] = field(default_factory=dict)  # every unit of the requested tasks
     ea: float | None = None
     ma_seen: float | None = None
     ma_unseen: float | None = None
@@ -88,23 +51,25 @@ def seen_languages(manifest: RunManifest) -> set[str]:
     return langs - {"en"}
 
 
+def _ability(semantics: Semantics, seen: set[str]) -> str:
+    if semantics.ability == "EA":
+        return "ea"
+    return "ma_seen" if semantics.language in seen else "ma_unseen"
+
+
 def phase_scores(manifest: RunManifest, tasks: list[str]) -> list[PhaseScores]:
+    """Every phase's units and abilities. Raises TaskSemanticsError for a task it cannot classify."""
     seen = seen_languages(manifest)
     out = []
     for rec in manifest.phases:
-        scores = PhaseScores(rec.index, rec.name)
-        for unit in scoring_units(tasks, rec.eval_groups or {}):
-            metric = primary_metric(unit)
-            value = (rec.eval.get(unit) or {}).get(metric) if metric else None
+        scores = PhaseScores(rec.index, rec.name, semantics=classify(tasks, rec.eval_groups or {}))
+        by_ability: dict[str, list[float]] = {"ea": [], "ma_seen": [], "ma_unseen": []}
+        for unit, semantics in scores.semantics.items():
+            value = (rec.eval.get(unit) or {}).get(semantics.metric)
             if value is not None:
                 scores.units[unit] = float(value)
-        by_lang: dict[str, list[float]] = {"en": [], "seen": [], "unseen": []}
-        for unit, value in scores.units.items():
-            lang = task_language(unit)
-            if lang is None:
-                continue
-            by_lang["en" if lang == "en" else "seen" if lang in seen else "unseen"].append(value)
-        scores.ea, scores.ma_seen, scores.ma_unseen = (_mean(by_lang[k]) for k in ("en", "seen", "unseen"))
+                by_ability[_ability(semantics, seen)].append(float(value))
+        scores.ea, scores.ma_seen, scores.ma_unseen = (_mean(by_ability[k]) for k in ("ea", "ma_seen", "ma_unseen"))
         out.append(scores)
     return out
 
@@ -183,13 +148,15 @@ def rich_tables(manifest: RunManifest, tasks: list[str], settings: dict | None =
     per_task.add_column("metric", no_wrap=True)
     for s in scores:
         per_task.add_column(f"{s.index}", justify="right", no_wrap=True)
-    for unit in _ordered_units(scores):
-        per_task.add_row(unit, str(primary_metric(unit)), *(_fmt(s.units.get(unit), digits=3) for s in scores))
+    for unit, semantics in _ordered_units(scores).items():
+        per_task.add_row(unit, semantics.metric, *(_fmt(s.units.get(unit), digits=3) for s in scores))
     return [summary, per_task]
 
 
-def _ordered_units(scores: list[PhaseScores]) -> list[str]:
-    return sorted({u for s in scores for u in s.units}, key=lambda u: (task_language(u) != "en", u))
+def _ordered_units(scores: list[PhaseScores]) -> dict[str, Semantics]:
+    """The units scored in any phase, English ones first."""
+    units = {u: s.semantics[u] for s in scores for u in s.units}
+    return dict(sorted(units.items(), key=lambda item: (item[1].language != "en", item[0])))
 
 
 def result_set(manifest: RunManifest, settings: dict | None = None, label: str | None = None) -> RunManifest:
@@ -242,9 +209,9 @@ def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str], setting
         "| task | metric | language | " + " | ".join(f"{s.index} {s.name}" for s in scores) + " |",
         "|---|---|---|" + "---:|" * len(scores),
         *(
-            f"| {u} | {primary_metric(u)} | {task_language(u) or '-'} | "
+            f"| {u} | {semantics.metric} | {semantics.language} | "
             + " | ".join(_fmt(s.units.get(u)) for s in scores) + " |"
-            for u in units
+            for u, semantics in units.items()
         ),
         "",
         "EA and MA are unweighted means of the primary metrics above; see `cft_adapters/report.py`.",

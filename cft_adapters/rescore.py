@@ -23,6 +23,7 @@ from cft_adapters.rundir import inside, verify_adapter
 from cft_adapters.util.fs import RunLock
 from cft_adapters.rundir import read_manifest
 from cft_adapters.scoring import eval_settings, record_evaluation, result_set_label
+from cft_adapters.task_semantics import classify
 from cft_adapters.recipe import PHASE_NAME  # the recipe schema's rule for phases[].name
 from cft_adapters.recipe import EvalConfig, ModelConfig
 
@@ -147,6 +148,7 @@ def rescore_run(
     earlier = [t for r in manifest.phases for t in ((r.eval_sets[label].eval_tasks if label in r.eval_sets else [])
                                                     if label else run_cfg.tasks)]
     report_tasks = list(dict.fromkeys([*earlier, *eval_cfg.tasks]))
+    classify(report_tasks)  # the report must classify every task (TaskSemanticsError), known before scoring
     lock = RunLock(run_dir)
     lock.acquire()
     try:
