@@ -50,8 +50,10 @@ def _quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # Warnings are shown, each message once: a deprecation the code triggers is a bug to fix, not
+    # noise to hide (tests/test_warnings.py keeps our own calls free of them).
+    warnings.filterwarnings("once", category=UserWarning)
+    warnings.filterwarnings("once", category=FutureWarning)
     # lm-eval warns that each ability group's members report different metrics: by design here.
     # Its level follows LMEVAL_LOG_LEVEL, so a user who sets it keeps their choice.
     level = logging.getLevelName(os.environ.get("LMEVAL_LOG_LEVEL", "ERROR").upper())

@@ -66,8 +66,7 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         max_grad_norm=training.max_grad_norm,
         num_train_epochs=training.num_train_epochs,
         max_steps=training.max_steps if training.max_steps is not None else -1,
-        gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        **_checkpointing_args(SFTConfig, training.gradient_checkpointing),
         optim=training.optim,
         seed=training.seed,
         data_seed=training.seed,
@@ -88,6 +87,14 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         train_sampling_strategy="group_by_length" if training.group_by_length else "random",
         use_liger_kernel=training.use_liger_kernel,
     )
+
+
+def _checkpointing_args(config_class: Any, enabled: bool) -> dict[str, Any]:
+    """transformers >= 5.2x names it activation checkpointing; the old names warn (removed in v6)."""
+    kwargs = {"use_reentrant": False} if enabled else None
+    if "activation_checkpointing" in getattr(config_class, "__dataclass_fields__", {}):
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
 
 
 def check_liger(recipe: Recipe, source: str) -> None:

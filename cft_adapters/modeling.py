@@ -242,10 +242,17 @@ def keep_nf4_layout(model: Any) -> None:
 def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
     """Per phase: on (non-reentrant; inputs require grad so a frozen base still backpropagates
     into the adapters) or off."""
+    # transformers >= 5.2x calls it activation checkpointing; the old names warn (removed in v6).
+    new_names = hasattr(model, "activation_checkpointing_enable")
     if enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if new_names:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    elif getattr(model, "is_gradient_checkpointing", False):
+    elif new_names and model.is_activation_checkpointing:
+        model.activation_checkpointing_disable()
+    elif not new_names and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
 
 

@@ -9,6 +9,7 @@ from rich.table import Table
 from cft_adapters.data import check_data
 from cft_adapters.errors import DataError
 from cft_adapters.evaluation import unknown_tasks
+from cft_adapters.task_semantics import unclassified_tasks
 from cft_adapters.placement import check_placements, describe_for_dry_run, num_layers_from_config
 from cft_adapters.recipe import Recipe, TrainingConfig
 
@@ -21,7 +22,7 @@ def _training_summary(t: TrainingConfig) -> str:
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float | None = None) -> None:
     check_placements(recipe, recipe_path)
-    problems = unknown_tasks(recipe.eval.tasks) if recipe.eval.tasks else []
+    problems = (unknown_tasks(recipe.eval.tasks) or unclassified_tasks(recipe.eval.tasks)) if recipe.eval.tasks else []
     try:
         sources = check_data(recipe, allow_unreachable_hub=True)
     except DataError as exc:

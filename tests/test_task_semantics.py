@@ -90,3 +90,14 @@ def test_an_unclassifiable_eval_task_fails_before_anything_trains() -> None:
         check_eval_tasks(EvalConfig(tasks=["cft_smoke_en", "arc_easy"]), "r.yaml")
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith("r.yaml: eval.tasks[1]: eval task 'arc_easy': the report cannot classify it")
+
+
+def test_the_dry_run_names_an_unclassifiable_task(capsys) -> None:
+    """`--dry-run` says it too, before a model or dataset is loaded."""
+    from cft_adapters.cli import main
+
+    from conftest import SMOKE
+
+    assert main([str(SMOKE), "--dry-run", "eval.tasks=[arc_easy]"]) != 0
+    err = capsys.readouterr().err
+    assert "eval.tasks[0]: eval task 'arc_easy': the report cannot classify it" in err
