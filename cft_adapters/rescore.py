@@ -7,89 +7,21 @@ in its resolved recipe is honoured only when the user allows it on the command l
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
 from cft_adapters import modeling, report
 from cft_adapters.errors import CftError
 from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision, unknown_tasks
-from cft_adapters.manifest import MANIFEST, RESOLVED_RECIPE, RunManifest
+from cft_adapters.manifest import MANIFEST, RunManifest
 from cft_adapters.rundir import inside, verify_adapter
 from cft_adapters.util.fs import RunLock
-from cft_adapters.rundir import read_manifest
+from cft_adapters.rundir import checked_manifest, run_settings  # noqa: F401  (re-exported: their old home)
 from cft_adapters.scoring import eval_settings, record_evaluation, result_set_label
 from cft_adapters.task_semantics import classify
-from cft_adapters.recipe import PHASE_NAME  # the recipe schema's rule for phases[].name
 from cft_adapters.recipe import EvalConfig, ModelConfig
-
-
-def checked_manifest(run_dir: Path) -> RunManifest:
-    """run.json, with every phase's index, name and checkpoint checked before any of them is used.
-
-    Names become folder names (phase_<k>_<name>), so they must follow the recipe schema's rule. The
-    raw JSON is checked first, so that the file's own schema is not what stands between a crafted
-    name and a file path; the parsed records are checked again (the schema may coerce values).
-    """
-    path = run_dir / MANIFEST
-    if not path.is_file():
-        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raw = None  # read_manifest says what is wrong with the file
-    if isinstance(raw, dict) and isinstance(raw.get("phases"), list):
-        _raise_phase_problems(run_dir, raw["phases"])
-    manifest = read_manifest(run_dir)
-    if manifest is None:
-        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
-    _raise_phase_problems(run_dir, [record.model_dump() for record in manifest.phases])
-    return manifest
-
-
-def _raise_phase_problems(run_dir: Path, phases: list) -> None:
-    """One line per bad phases[i].index / .name / .checkpoint; values of another type are left to
-    the manifest schema."""
-    source = run_dir / MANIFEST
-    problems = []
-    for i, phase in enumerate(phases):
-        if not isinstance(phase, dict):
-            continue
-        index, name, checkpoint = phase.get("index"), phase.get("name"), phase.get("checkpoint")
-        if isinstance(index, int) and index != i:
-            problems.append(f"{source}: phases[{i}].index: expected {i}, got {index}")
-        if isinstance(name, str) and not re.fullmatch(PHASE_NAME, name):
-            problems.append(f"{source}: phases[{i}].name: {name!r} is not a valid phase name "
-                            f"(lowercase letters, digits, '_' or '-')")
-        if isinstance(checkpoint, str):
-            try:
-                inside(run_dir, run_dir / checkpoint, f"{source}: phases[{i}].checkpoint: {checkpoint!r}")
-            except CftError as exc:
-                problems += exc.problems
-    if problems:
-        raise CftError(problems)
-
-
-def run_settings(run_dir: Path, *, allow_remote_code: bool = False) -> tuple[ModelConfig, EvalConfig]:
-    """The model and eval sections of the run's resolved recipe (data paths are not needed here).
-
-    `model.trust_remote_code: true` is refused unless `allow_remote_code` (the user's
-    --trust-remote-code): whoever wrote the run directory would choose what code runs here.
-    """
-    path = run_dir / RESOLVED_RECIPE
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        model_cfg, eval_cfg = ModelConfig.model_validate(raw["model"]), EvalConfig.model_validate(raw.get("eval") or {})
-    except (OSError, KeyError, TypeError, yaml.YAMLError, ValidationError) as exc:
-        raise CftError(f"{path}: cannot read the run's recipe: {str(exc).splitlines()[0]}") from None
-    if model_cfg.trust_remote_code and not allow_remote_code:
-        raise CftError(f"{path}: model.trust_remote_code is true; this run directory asks to run code from the "
-                       f"model repository. Pass --trust-remote-code to allow it.")
-    return model_cfg, eval_cfg
 
 
 def rescore_run(

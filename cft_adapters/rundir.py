@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
 from cft_adapters.errors import CftError, RunError
-from cft_adapters.manifest import MANIFEST, ManifestError, PhaseRecord, RunManifest, TrainStats
+from cft_adapters.manifest import MANIFEST, RESOLVED_RECIPE, ManifestError, PhaseRecord, RunManifest, TrainStats
+from cft_adapters.recipe import PHASE_NAME, EvalConfig, ModelConfig
 from cft_adapters.util.fs import RunLock, fsync_path, make_temp_dir, publish_dir, stamped_path, write_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -300,3 +305,70 @@ def _digest_or_none(adapter_dir: Path) -> str | None:
         return _adapter_digest(adapter_dir)
     except Exception:  # a damaged file is simply not the saved adapter
         return None
+
+
+# -- a run directory written by someone else: checked before anything in it is used -------------------
+
+
+def checked_manifest(run_dir: Path) -> RunManifest:
+    """run.json, with every phase's index, name and checkpoint checked before any of them is used.
+
+    Names become folder names (phase_<k>_<name>), so they must follow the recipe schema's rule. The
+    raw JSON is checked first, so that the file's own schema is not what stands between a crafted
+    name and a file path; the parsed records are checked again (the schema may coerce values).
+    """
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = None  # read_manifest says what is wrong with the file
+    if isinstance(raw, dict) and isinstance(raw.get("phases"), list):
+        _raise_phase_problems(run_dir, raw["phases"])
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise CftError(f"{run_dir}: no run.json here; is this a cft-train run directory?")
+    _raise_phase_problems(run_dir, [record.model_dump() for record in manifest.phases])
+    return manifest
+
+
+def _raise_phase_problems(run_dir: Path, phases: list) -> None:
+    """One line per bad phases[i].index / .name / .checkpoint; values of another type are left to
+    the manifest schema."""
+    source = run_dir / MANIFEST
+    problems = []
+    for i, phase in enumerate(phases):
+        if not isinstance(phase, dict):
+            continue
+        index, name, checkpoint = phase.get("index"), phase.get("name"), phase.get("checkpoint")
+        if isinstance(index, int) and index != i:
+            problems.append(f"{source}: phases[{i}].index: expected {i}, got {index}")
+        if isinstance(name, str) and not re.fullmatch(PHASE_NAME, name):
+            problems.append(f"{source}: phases[{i}].name: {name!r} is not a valid phase name "
+                            f"(lowercase letters, digits, '_' or '-')")
+        if isinstance(checkpoint, str):
+            try:
+                inside(run_dir, run_dir / checkpoint, f"{source}: phases[{i}].checkpoint: {checkpoint!r}")
+            except CftError as exc:
+                problems += exc.problems
+    if problems:
+        raise CftError(problems)
+
+
+def run_settings(run_dir: Path, *, allow_remote_code: bool = False) -> tuple[ModelConfig, EvalConfig]:
+    """The model and eval sections of the run's resolved recipe (data paths are not needed here).
+
+    `model.trust_remote_code: true` is refused unless `allow_remote_code` (the user's
+    --trust-remote-code): whoever wrote the run directory would choose what code runs here.
+    """
+    path = run_dir / RESOLVED_RECIPE
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        model_cfg, eval_cfg = ModelConfig.model_validate(raw["model"]), EvalConfig.model_validate(raw.get("eval") or {})
+    except (OSError, KeyError, TypeError, yaml.YAMLError, ValidationError) as exc:
+        raise CftError(f"{path}: cannot read the run's recipe: {str(exc).splitlines()[0]}") from None
+    if model_cfg.trust_remote_code and not allow_remote_code:
+        raise CftError(f"{path}: model.trust_remote_code is true; this run directory asks to run code from the "
+                       f"model repository. Pass --trust-remote-code to allow it.")
+    return model_cfg, eval_cfg

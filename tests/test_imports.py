@@ -67,3 +67,42 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert "cft_adapters.modeling" in import_graph()["cft_adapters.fetch"]  # fetch imports it inside main()
+
+
+# The layers, bottom to top (docs/DESIGN.md). A module imports only from its own layer or below, so
+# the building blocks never reach up into the runner or a command, and `analysis` never imports the
+# training runner (it is handed one where it needs training: `cft analyze mpd`).
+LAYERS: list[tuple[str, set[str]]] = [
+    ("base", {"errors", "util", "util.fs", "util.digest", "util.jsonl", "util.plot", "config_errors", "recipe_rules",
+              "local_rows", "metrics", "tasks_path", "callbacks", "analysis", "analysis.stats", "cft_adapters"}),
+    ("config", {"recipe_yaml", "recipe", "study_config", "task_semantics", "taskgen", "tiny", "wheels", "distributed"}),
+    ("blocks", {"formats", "fingerprint", "data", "hf_configs", "modeling", "memory", "manifest", "rundir", "placement",
+                "replay", "evaluation", "scoring", "report", "fetch"}),
+    ("analysis", {"analysis.similarity", "analysis.drift", "analysis.mpd"}),
+    ("train", {"reconcile", "train_phase", "phases", "plan"}),
+    ("commands", {"study_cells", "study_summary", "study", "rescore"}),
+    ("cli", {"cli"}),
+]
+
+
+def _layer_of(module: str) -> int:
+    short = module.removeprefix("cft_adapters.") if module != "cft_adapters" else module
+    found = [i for i, (_, members) in enumerate(LAYERS) if short in members]
+    assert len(found) == 1, f"{module}: add it to exactly one layer of tests/test_imports.py LAYERS"
+    return found[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{a} ({LAYERS[_layer_of(a)][0]}) imports {b} ({LAYERS[_layer_of(b)][0]})"
+        for a, targets in graph.items() for b in targets if _layer_of(b) > _layer_of(a)
+    )
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards() -> None:
+    assert layer_violations(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"cft_adapters.analysis.drift": {"cft_adapters.phases"}, "cft_adapters.phases": set()}
+    assert layer_violations(graph) == ["cft_adapters.analysis.drift (analysis) imports cft_adapters.phases (train)"]

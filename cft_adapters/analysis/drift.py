@@ -96,8 +96,7 @@ def layer_drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[s
 def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int = 8, *,
               allow_remote_code: bool = False) -> dict[str, Any]:
     """`allow_remote_code`: honour `model.trust_remote_code: true` in the run's resolved recipe."""
-    from cft_adapters.rescore import checked_manifest, run_settings
-    from cft_adapters.rundir import inside
+    from cft_adapters.rundir import checked_manifest, inside, run_settings
 
     manifest: RunManifest = checked_manifest(run_dir)
     records = [r for r in manifest.phases if r.index == 0 or r.status == "done"]
