@@ -1,6 +1,6 @@
 """`run.json`: the single source of truth about a run, rewritten atomically after every change.
 
-The schema is the contract in ARCHITECTURE.md. Paths are relative to the run directory.
+The schema is the contract in README.md ("The run directory"). Paths are relative to the run directory.
 """
 
 from __future__ import annotations

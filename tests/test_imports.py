@@ -4,6 +4,7 @@ a function is still a cycle: it only fails later, at the call)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cft_adapters"
@@ -69,26 +70,28 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function() -> None:
     assert "cft_adapters.modeling" in import_graph()["cft_adapters.fetch"]  # fetch imports it inside main()
 
 
-# The layers, bottom to top (docs/DESIGN.md). A module imports only from its own layer or below, so
-# the building blocks never reach up into the runner or a command, and `analysis` never imports the
+# The layers, bottom to top, and each module's layer: the module table of docs/DESIGN.md, read here so
+# the document cannot drift from the code. A module imports only from its own layer or below, so the
+# building blocks never reach up into the runner or a command, and `analysis` never imports the
 # training runner (it is handed one where it needs training: `cft analyze mpd`).
-LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"errors", "util", "util.fs", "util.digest", "util.jsonl", "util.plot", "config_errors", "recipe_rules",
-              "local_rows", "metrics", "tasks_path", "callbacks", "analysis", "analysis.stats", "cft_adapters"}),
-    ("config", {"recipe_yaml", "recipe", "study_config", "task_semantics", "taskgen", "tiny", "wheels", "distributed"}),
-    ("blocks", {"formats", "fingerprint", "data", "hf_configs", "modeling", "memory", "manifest", "rundir", "placement",
-                "replay", "evaluation", "scoring", "report", "fetch"}),
-    ("analysis", {"analysis.similarity", "analysis.drift", "analysis.mpd"}),
-    ("train", {"reconcile", "train_phase", "phases", "plan"}),
-    ("commands", {"study_cells", "study_summary", "study", "rescore"}),
-    ("cli", {"cli"}),
-]
+DESIGN = PACKAGE.parent / "docs" / "DESIGN.md"
+LAYER_NAMES = ["base", "config", "blocks", "analysis", "train", "commands", "cli"]
+
+
+def design_layers() -> list[tuple[str, set[str]]]:
+    rows = re.findall(r"^\| `([\w.]+)` \| (\w+) \|", DESIGN.read_text(encoding="utf-8"), flags=re.M)
+    unknown = sorted({layer for _, layer in rows} - set(LAYER_NAMES))
+    assert not unknown, f"{DESIGN}: unknown layer(s) {unknown}; expected one of {LAYER_NAMES}"
+    return [(name, {module for module, layer in rows if layer == name}) for name in LAYER_NAMES]
+
+
+LAYERS = design_layers()
 
 
 def _layer_of(module: str) -> int:
     short = module.removeprefix("cft_adapters.") if module != "cft_adapters" else module
     found = [i for i, (_, members) in enumerate(LAYERS) if short in members]
-    assert len(found) == 1, f"{module}: add it to exactly one layer of tests/test_imports.py LAYERS"
+    assert len(found) == 1, f"{module}: give it exactly one row in the module table of docs/DESIGN.md"
     return found[0]
 
 
@@ -106,3 +109,9 @@ def test_every_module_has_a_layer_and_imports_only_downwards() -> None:
 def test_the_layer_check_finds_an_upward_import() -> None:
     graph = {"cft_adapters.analysis.drift": {"cft_adapters.phases"}, "cft_adapters.phases": set()}
     assert layer_violations(graph) == ["cft_adapters.analysis.drift (analysis) imports cft_adapters.phases (train)"]
+
+
+def test_the_design_document_lists_no_module_that_does_not_exist() -> None:
+    listed = {m for _, members in LAYERS for m in members}
+    existing = {name.removeprefix("cft_adapters.") if name != "cft_adapters" else name for name in import_graph()}
+    assert listed - existing == set()
