@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from cft_adapters.util.fs import cache_dir  # noqa: F401  (re-exported: its old home)
+from cft_adapters.util.jsonl import read_jsonl
 
 BUILTIN_MODELS = {
     "tiny-mistral": {
@@ -54,9 +55,8 @@ def _texts() -> list[str]:
                 walk(v)
 
     for path in _training_text_files():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                walk(json.loads(line))
+        for row in read_jsonl(path):
+            walk(row)
     return out
 
 

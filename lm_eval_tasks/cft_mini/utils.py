@@ -3,19 +3,18 @@ relative to this file so the tasks resolve wherever lm-eval starts."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
 
 from cft_adapters.metrics import chrf, contains_answer, language_fidelity
+from cft_adapters.util.jsonl import read_jsonl
 
 DATA = Path(__file__).parent / "data"
 
 
 def _rows(name: str) -> datasets.DatasetDict:
-    with (DATA / name).open(encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = read_jsonl(DATA / name)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 

@@ -3,19 +3,18 @@ tasks resolve wherever lm-eval is started from."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
 
 from cft_adapters.metrics import chrf, language_fidelity, rouge_l
+from cft_adapters.util.jsonl import read_jsonl
 
 DATA = Path(__file__).parent / "data"
 
 
 def _rows(name: str, **extra) -> datasets.DatasetDict:
-    with (DATA / name).open(encoding="utf-8") as fh:
-        rows = [{**json.loads(line), **extra} for line in fh if line.strip()]
+    rows = [{**row, **extra} for row in read_jsonl(DATA / name)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
