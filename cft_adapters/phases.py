@@ -25,6 +25,7 @@ from cft_adapters.manifest import RESOLVED_RECIPE, PhaseRecord, RunManifest, pac
 from cft_adapters.placement import Placement, PlacementInputs, adapter_change_scores, check_placements, choose_placement, spectrum_scan
 from cft_adapters.reconcile import phase_config_digest, phase_records, refuse_other_eval_settings  # noqa: F401  (phase_config_digest: re-exported)
 from cft_adapters.recipe import Recipe, dump_recipe
+from cft_adapters.reference_change import reference_change_scores
 from cft_adapters.replay import ReplayPool, build_pool
 from cft_adapters.rundir import RunDirectory, last_good_checkpoint, read_manifest, verify_adapter
 from cft_adapters.scoring import eval_settings, record_evaluation
@@ -137,6 +138,8 @@ class PhaseRunner:
             adapter_change=lambda: adapter_change_scores(
                 self.run_dir, self.manifest.phases, [p.name for p in self.phases], cfg, k,  # type: ignore[union-attr]
                 self.recipe.adapter.alpha / self.recipe.adapter.r, num_layers, modules),
+            reference_change=lambda: reference_change_scores(
+                cfg.reference, modules or list(self.recipe.adapter.target_modules), num_layers, cache_dir()),  # type: ignore[arg-type]
         )
         try:
             return choose_placement(inputs)

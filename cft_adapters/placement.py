@@ -9,6 +9,9 @@ strategies are pure functions over layer counts and per-layer scores, testable w
   definition, since the paper leaves it loose: per layer, the sum over its adapted modules of
   ‖scale · (B_end·A_end − B_start·A_start)‖_F, where start/end are the adapter before and after the
   reference phase (a fresh adapter starts at B = 0, so its update starts at zero).
+- reference_change (LF_H2 on the Instruct pair): the layers whose weights moved most, relative to
+  their size, between two reference checkpoints (a vendor base and its Instruct model). The scan is
+  in reference_change.py; it needs no earlier phase, so it works in the first one.
 - spectrum: per layer, the mean signal-to-noise ratio of its base weight matrices (Spectrum,
   Hartford et al. 2024): singular values above the Marchenko–Pastur bound are signal, the rest noise,
   with the noise scale estimated from the singular values' interquartile range. The lowest-SNR layers
@@ -227,6 +230,7 @@ class PlacementInputs:
     modules: list[str] | None
     spectrum: Callable[[], dict[str, Any]] | None = None  # spectrum_scan of the base, cached
     adapter_change: Callable[[], tuple[dict[int, float], dict[str, Any]]] | None = None  # LF_H2 evidence
+    reference_change: Callable[[], tuple[dict[int, float], dict[str, Any]]] | None = None  # LF_H2, reference pair
 
 
 Choice = tuple[list[int], dict[int, float], "str | None", dict[str, Any]]  # frozen, scores, score name, detail
@@ -239,6 +243,7 @@ class Strategy:
     choose: Callable[[PlacementInputs], Choice] | None  # None: no placement at all
     dry_run: Callable[[PlacementConfig, int | None, int], str]  # what --dry-run can say before training
     summary: str
+    needs_checkpoints: bool = False  # reads two reference checkpoints ('reference'), not the run
 
 
 def _explicit(x: PlacementInputs) -> Choice:
@@ -256,6 +261,12 @@ def _most_changed(x: PlacementInputs) -> Choice:
     return select_layers_most_changed(scores, count_to_freeze(x.cfg, x.num_layers)), scores, "adapter_update_change_fro", detail
 
 
+def _reference_change(x: PlacementInputs) -> Choice:
+    assert x.reference_change is not None
+    scores, detail = x.reference_change()
+    return select_layers_most_changed(scores, count_to_freeze(x.cfg, x.num_layers)), scores, "relative_weight_change_fro", detail
+
+
 def _spectrum(x: PlacementInputs) -> Choice:
     assert x.spectrum is not None
     scan = x.spectrum()
@@ -268,6 +279,19 @@ def _later(cfg: PlacementConfig, num_layers: int | None, seed: int) -> str:
     if num_layers is None:
         return f"{cfg.strategy} (layer count unknown until the model config is available)"
     return f"{cfg.strategy}: freeze {count_to_freeze(cfg, num_layers)} of {num_layers} layers (chosen when the phase starts)"
+
+
+def _reference_later(cfg: PlacementConfig, num_layers: int | None, seed: int) -> str:
+    ref = cfg.reference
+    assert ref is not None
+
+    def named(name: str, revision: str | None) -> str:
+        return name + (f"@{revision}" if revision else "")
+
+    how_many = (f"freeze {count_to_freeze(cfg, num_layers)} of {num_layers} layers" if num_layers is not None
+                else "freeze a share of the layers (layer count unknown until the model config is available)")
+    return (f"reference_change: {how_many}, those whose weights changed most (relative to the base weights) from "
+            f"{named(ref.base, ref.base_revision)} to {named(ref.tuned, ref.tuned_revision)}; read when the phase starts")
 
 
 def _random_now(cfg: PlacementConfig, num_layers: int | None, seed: int) -> str:
@@ -283,6 +307,9 @@ STRATEGIES: dict[str, Strategy] = {
     "random": Strategy(True, False, _random, _random_now, "LF_H1: freeze a seeded random set of layers"),
     "most_changed": Strategy(True, True, _most_changed, _later,
                              "LF_H2: freeze the layers whose adapter update changed most in an earlier phase"),
+    "reference_change": Strategy(True, False, _reference_change, _reference_later,
+                                 "LF_H2 from a reference pair: freeze the layers whose weights changed most between "
+                                 "two checkpoints (e.g. a vendor base and its Instruct model)", needs_checkpoints=True),
     "spectrum": Strategy(True, False, _spectrum, _later, "Spectrum: freeze the layers with the lowest weight SNR"),
 }
 

@@ -5,6 +5,7 @@ Only this module and the CLI read YAML or argv. Everything below takes the typed
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -18,6 +19,7 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -266,10 +268,62 @@ def list_builtin_data() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+HUB_ID = r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?"
+
+
+def safetensors_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be read as safetensors, or None. Pickled PyTorch weights (.bin,
+    .pt) are never loaded: unpickling runs code from the file."""
+    if any(folder.glob("*.safetensors")):
+        return None
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth"} or p.name.endswith(".bin.index.json"))
+    if pickled:
+        return (f"{folder}: holds PyTorch pickle weights only ({', '.join(pickled[:3])}); 'reference_change' reads "
+                "safetensors only (convert the checkpoint, or use a revision that has *.safetensors)")
+    return f"{folder}: no *.safetensors weights"
+
+
+def _checkpoint_location(value: str, info: ValidationInfo) -> str:
+    """A local folder (relative to the recipe file; made absolute) or a hub id (kept as written)."""
+    base_dir = Path((info.context or {}).get("base_dir", "."))
+    folder = Path(value).expanduser()
+    folder = folder if folder.is_absolute() else base_dir / folder
+    if folder.is_dir():
+        problem = safetensors_problem(folder.resolve())
+        if problem:
+            raise ValueError(problem)
+        return str(folder.resolve())
+    if value.startswith(("/", ".", "~")) or not re.fullmatch(HUB_ID, value):
+        raise ValueError(f"folder not found: {folder.resolve()} (nor is '{value}' a hub id such as 'org/name')")
+    return value
+
+
+class ReferencePair(_Strict):
+    base: str = Field(description="The checkpoint the change is measured from (e.g. mistralai/Mistral-7B-v0.1): a hub "
+                      "id or a local folder (relative to the recipe file), holding safetensors weights.")
+    tuned: str = Field(description="The checkpoint the change is measured to (e.g. mistralai/Mistral-7B-Instruct-v0.1): "
+                       "a hub id or a local folder (relative to the recipe file), holding safetensors weights.")
+    base_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of 'base'.")
+    tuned_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of 'tuned'.")
+
+    @field_validator("base", "tuned")
+    @classmethod
+    def _locate(cls, value: str, info: ValidationInfo) -> str:
+        return _checkpoint_location(value, info)
+
+    @model_validator(mode="after")
+    def _revisions_for_hub_ids(self) -> ReferencePair:
+        for key in ("base", "tuned"):
+            if getattr(self, f"{key}_revision") is not None and Path(getattr(self, key)).is_absolute():
+                raise ValueError(f"'{key}_revision' applies to a hub id, and '{key}' is a local folder")
+        return self
+
+
 class PlacementConfig(_Strict):
-    strategy: Literal["none", "explicit", "random", "most_changed", "spectrum"] = Field(
+    strategy: Literal["none", "explicit", "random", "most_changed", "reference_change", "spectrum"] = Field(
         description="Which layers' adapters are frozen this phase: explicit indices, random (LF_H1), "
-        "most_changed (LF_H2), spectrum (lowest SNR), or none."
+        "most_changed (LF_H2, by an earlier phase's adapter change), reference_change (LF_H2, by the weight change "
+        "between two reference checkpoints, e.g. a vendor base and its Instruct model), spectrum (lowest SNR), or none."
     )
     layers: str | list[int] | None = Field(None, description="explicit: layers to freeze, e.g. '0-7,12' or [0, 1].")
     fraction: float | None = Field(None, gt=0, lt=1, description="Share of layers to freeze.")
@@ -279,14 +333,34 @@ class PlacementConfig(_Strict):
     reference_phase: str | None = Field(
         None, description="most_changed: the earlier phase whose adapter change ranks layers (default: previous)."
     )
+    reference: ReferencePair | None = Field(
+        None, description="reference_change: the two checkpoints whose per-layer weight change ranks layers (the layers "
+        "that changed most, relative to their base weights, are frozen). Usable in the first phase."
+    )
 
     @model_validator(mode="after")
     def _strategy_needs(self) -> PlacementConfig:
         if self.strategy == "explicit" and self.layers is None:
             raise ValueError("strategy 'explicit' needs 'layers'")
-        if self.strategy in {"random", "most_changed", "spectrum"} and (self.fraction is None) == (self.count is None):
+        if self.strategy in {"random", "most_changed", "reference_change", "spectrum"} and (self.fraction is None) == (self.count is None):
             raise ValueError(f"strategy '{self.strategy}' needs exactly one of 'fraction' and 'count'")
+        if self.strategy == "reference_change" and self.reference is None:
+            raise ValueError("strategy 'reference_change' needs 'reference' ({base: ..., tuned: ...}: the checkpoints "
+                             "whose weight change ranks the layers)")
+        if self.strategy != "reference_change" and self.reference is not None:
+            raise ValueError(f"'reference' is for strategy 'reference_change', not '{self.strategy}'")
+        if self.strategy == "reference_change" and self.reference_phase is not None:
+            raise ValueError("'reference_phase' is for strategy 'most_changed'; 'reference_change' reads 'reference'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_reference(self, handler: Any) -> Any:
+        # Without a reference pair the dump is what it was before the field existed, so the phase
+        # digests (reconcile.phase_config_digest hashes this dump) of runs made then still match.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("reference") is None:
+            data.pop("reference", None)
+        return data
 
 
 class ReplayConfig(_Strict):

@@ -82,7 +82,9 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
                              "and this is the first phase"))
         if isinstance(placement, dict) and placement.get("strategy") == "most_changed" and i == 0:
             problems.append((f"phases[{i}].placement.strategy", "'most_changed' ranks layers by an earlier trained "
-                             "phase's adapter change, and this is the first phase"))
+                             "phase's adapter change, and this is the first phase; to rank them by how a reference "
+                             "model changed (a vendor base -> its Instruct model), use strategy 'reference_change' "
+                             "with 'reference: {base: ..., tuned: ...}'"))
         if isinstance(placement, dict) and isinstance(placement.get("layers"), str):
             try:
                 parse_layers(placement["layers"])

@@ -149,6 +149,16 @@ def _absolutize_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         if isinstance(phase.get("replay"), dict):
             fix(phase["replay"].get("prompts"))
             fix(phase["replay"].get("source"))
+        placement = phase.get("placement")
+        reference = placement.get("reference") if isinstance(placement, dict) else None
+        if isinstance(reference, dict):
+            for key in ("base", "tuned"):
+                value = reference.get(key)
+                # A checkpoint folder relative to this file; a hub id ('org/name') is left as it is.
+                if isinstance(value, str) and not Path(value).expanduser().is_absolute() and (
+                    value.startswith(".") or (base_dir / value).is_dir()
+                ):
+                    reference[key] = str((base_dir / value).resolve())
     return data
 
 

@@ -56,9 +56,11 @@ def test_every_format_reads_a_row_it_declares(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(s for s, v in STRATEGIES.items() if v.needs_count))
-def test_strategies_that_need_a_count_are_refused_without_one(name: str) -> None:
+def test_strategies_that_need_a_count_are_refused_without_one(name: str, tiny_model_path) -> None:
     """The registry's needs_count and the schema's cross-key rule say the same thing."""
     ref = "phases[1].placement.reference_phase=english" if STRATEGIES[name].needs_reference else "description=x"
+    if STRATEGIES[name].needs_checkpoints:
+        ref = f"phases[1].placement.reference={{base: '{tiny_model_path}', tuned: '{tiny_model_path}'}}"
     with pytest.raises(RecipeError, match="exactly one of 'fraction' and 'count'"):
         load_recipe(SMOKE, [f"phases[1].placement={{strategy: {name}}}", ref])
     load_recipe(SMOKE, [f"phases[1].placement={{strategy: {name}, count: 1}}", ref])
@@ -70,3 +72,18 @@ def test_a_strategy_without_an_entry_is_an_error_not_another_strategy() -> None:
     cfg = PlacementConfig(strategy="random", count=1).model_copy(update={"strategy": "made_up"})
     with pytest.raises(KeyError, match="made_up"):
         choose_placement(PlacementInputs(cfg, num_layers=4, seed=0, modules=None))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategies_that_read_checkpoints_are_the_ones_the_schema_asks_a_reference_pair_of(name: str, tiny_model_path) -> None:
+    """The registry's needs_checkpoints and the schema's rule agree: such a strategy is refused without
+    'reference', and every other strategy is refused with one."""
+    placement = f"{{strategy: {name}, count: 1, layers: '0', reference_phase: english}}"
+    pair = f"phases[1].placement.reference={{base: '{tiny_model_path}', tuned: '{tiny_model_path}'}}"
+    if STRATEGIES[name].needs_checkpoints:
+        with pytest.raises(RecipeError, match=f"strategy '{name}' needs 'reference'"):
+            load_recipe(SMOKE, [f"phases[1].placement={{strategy: {name}, count: 1}}"])
+        load_recipe(SMOKE, [f"phases[1].placement={{strategy: {name}, count: 1}}", pair])
+    else:
+        with pytest.raises(RecipeError, match=f"'reference' is for strategy 'reference_change', not '{name}'"):
+            load_recipe(SMOKE, [f"phases[1].placement={placement}", pair])
