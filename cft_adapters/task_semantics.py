@@ -3,7 +3,7 @@ primary metric, as the task YAMLs in `lm_eval_tasks/` declare them.
 
 Where the declarations live (lm-eval 0.4 passes `metadata` through untouched):
 - A task of ours declares its own, in `metadata.cft`:
-  `metadata: {version: 1.0, cft: {ability: MA, language: fr, metric: chrf}}`.
+  `metadata: {version: 1.0, cft: {ability: MA, language: fr, metric: chrf, benchmark: smoke_ml}}`.
 - lm-eval's own tasks and groups (ifeval, mmlu, xquad_fr, ...) cannot be edited. The group of ours
   that includes one declares it, in `metadata.cft.members`:
   `metadata: {version: 1.0, cft: {members: {mmlu: {ability: EA, language: en, metric: acc}}}}`.
@@ -11,6 +11,11 @@ Where the declarations live (lm-eval 0.4 passes `metadata` through untouched):
 The keys sit under `cft` because lm-eval calls a `custom_dataset` function with the metadata as
 keyword arguments next to `dataset_kwargs`: a top-level `language` would collide with the smoke
 tasks' `dataset_kwargs.language`.
+
+`benchmark` (optional) names the benchmark the unit is one language of (`xquad` for every `xquad_<l>`):
+the report's paper view averages a benchmark over its languages first, then the benchmarks
+(report.py). Every shipped task declares one; a unit without one counts as a benchmark of its own,
+and the report says so.
 
 A declaration holds wherever the name is scored: `eval.tasks: [mmlu]` is classified by cft_en's
 declaration as well. Two different declarations of one name are an error.
@@ -39,8 +44,9 @@ from cft_adapters.errors import CftError
 
 ABILITIES = ("EA", "MA")
 _LANGUAGE = re.compile(r"^[a-z]{2,3}$")  # ISO 639-1 (or -3) code
-HOW_TO_DECLARE = ("declare metadata.cft: {ability: EA|MA, language: <code>, metric: <name>} in its task YAML, "
-                  "or, for lm-eval's own tasks, under metadata.cft.members of a group of ours that includes it "
+_BENCHMARK = re.compile(r"^[a-z][a-z0-9_]*$")
+HOW_TO_DECLARE = ("declare metadata.cft: {ability: EA|MA, language: <code>, metric: <name>, benchmark: <name>} in "
+                  "its task YAML, or, for lm-eval's own tasks, under metadata.cft.members of a group of ours that includes it "
                   "(lm_eval_tasks/README.md)")
 
 
@@ -54,6 +60,9 @@ class Semantics:
     ability: str  # "EA" (English task ability) or "MA" (multilingual language ability)
     language: str
     metric: str  # the primary metric: one value on a 0-1 scale per unit feeds EA / MA
+    # The benchmark this unit is one language of (the paper view's grouping); None: not declared.
+    # Left out of ==, so that (ability, language, metric) compare as before; Catalog.declare compares it.
+    benchmark: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -69,7 +78,7 @@ class Catalog:
 
     def declare(self, name: str, semantics: Semantics, path: Path) -> None:
         known = self.declared.get(name)
-        if known is not None and known != semantics:
+        if known is not None and (known != semantics or known.benchmark != semantics.benchmark):
             self.problems[name] = (f"declared twice, differently: {known} in {self.declared_in[name]}, "
                                    f"{semantics} in {path}")
         self.declared.setdefault(name, semantics)
@@ -89,7 +98,13 @@ def _parse(raw: Any, where: str) -> Semantics:
         raise ValueError(f"{where}.language: expected a language code such as 'en' or 'fr', got {language!r}")
     if not isinstance(metric, str):
         raise ValueError(f"{where}.metric: expected a metric name, got {metric!r}")
-    return Semantics(ability, language, metric)
+    benchmark = raw.get("benchmark")
+    if benchmark is not None and not (isinstance(benchmark, str) and _BENCHMARK.match(benchmark)):
+        raise ValueError(f"{where}.benchmark: expected a lower-case name such as 'xquad', got {benchmark!r}")
+    unknown = sorted(set(raw) - {"ability", "language", "metric", "benchmark"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: ability, language, metric, benchmark)")
+    return Semantics(ability, language, metric, benchmark)
 
 
 class _Loader(yaml.SafeLoader):

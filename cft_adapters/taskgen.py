@@ -62,15 +62,15 @@ AYA_CODES = {
 }
 
 
-# Per generated family: its metadata.version (bump it when the template's prompt or metrics change)
-# and the primary metric the report takes (metadata.cft; see cft_adapters/task_semantics.py). lm-eval's
-# `include:` replaces a mapping whole, so each generated file carries its family's full metadata and
-# the templates carry none.
-FAMILIES: dict[str, tuple[float, str]] = {
-    "cft_smoke_ml": (1.0, "chrf"),
-    "cft_mini_ml": (1.0, "contains"),
-    "cft_xlsum": (1.0, "rougeL"),
-    "cft_langfid": (1.0, "langfid"),
+# Per generated family: its metadata.version (bump it when the template's prompt or metrics change),
+# the primary metric the report takes and the benchmark each per-language file is one language of
+# (metadata.cft; see cft_adapters/task_semantics.py). lm-eval's `include:` replaces a mapping whole, so
+# each generated file carries its family's full metadata and the templates carry none.
+FAMILIES: dict[str, tuple[float, str, str]] = {
+    "cft_smoke_ml": (1.0, "chrf", "smoke_ml"),
+    "cft_mini_ml": (1.0, "contains", "mini_ml"),
+    "cft_xlsum": (1.0, "rougeL", "xlsum"),
+    "cft_langfid": (1.0, "langfid", "langfid"),
 }
 # Bundled mini-study evaluation languages (lm_eval_tasks/cft_mini/data/ml_<lang>.jsonl).
 MINI_LANGUAGES = ["de", "es", "fr"]
@@ -82,26 +82,27 @@ def ability(lang: str) -> str:
     return "EA" if lang == "en" else "MA"
 
 
-def semantics(lang: str, metric: str) -> dict:
-    return _Flow(ability=ability(lang), language=lang, metric=metric)
+def semantics(lang: str, metric: str, benchmark: str) -> dict:
+    return _Flow(ability=ability(lang), language=lang, metric=metric, benchmark=benchmark)
 
 
 def family_metadata(family: str, lang: str) -> dict:
-    version, metric = FAMILIES[family]
-    return {"version": version, "cft": semantics(lang, metric)}
+    version, metric, benchmark = FAMILIES[family]
+    return {"version": version, "cft": semantics(lang, metric, benchmark)}
 
 
-def builtin_ml_members(lang: str) -> dict[str, str]:
-    """lm-eval's own cft_ml member tasks for one language, with the primary metric of each."""
+def builtin_ml_members(lang: str) -> dict[str, tuple[str, str]]:
+    """lm-eval's own cft_ml member tasks for one language: (primary metric, benchmark) of each.
+    Global-MMLU Lite and full are one benchmark, Global-MMLU, in different sizes."""
     members = {}
     if lang in XQUAD:
-        members[f"xquad_{lang}"] = "f1"
+        members[f"xquad_{lang}"] = ("f1", "xquad")
     if lang in MLQA:
-        members[f"mlqa_{lang}_{lang}"] = "f1"
+        members[f"mlqa_{lang}_{lang}"] = ("f1", "mlqa")
     if lang in GLOBAL_MMLU_LITE:
-        members[f"global_mmlu_{lang}"] = "acc"
+        members[f"global_mmlu_{lang}"] = ("acc", "global_mmlu")
     elif lang in GLOBAL_MMLU_FULL:
-        members[f"global_mmlu_full_{lang}"] = "acc"
+        members[f"global_mmlu_full_{lang}"] = ("acc", "global_mmlu")
     return members
 
 
@@ -183,7 +184,8 @@ def _ml_group(name: str, languages: list[str]) -> str:
         "aggregate_metric_list": [{"metric": m, "weight_by_size": True} for m in ("f1", "acc", "rougeL", "langfid")],
         # lm-eval's own members cannot declare their report semantics themselves: the group does.
         "metadata": {"version": 1.0, "languages": languages, "cft": {"members": {
-            task: semantics(lang, metric) for lang in languages for task, metric in builtin_ml_members(lang).items()
+            task: semantics(lang, metric, benchmark)
+            for lang in languages for task, (metric, benchmark) in builtin_ml_members(lang).items()
         }}},
     })
 
