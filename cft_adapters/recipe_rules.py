@@ -60,7 +60,11 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     if raw.get("mixed_baseline") is True:
         for i, phase in enumerate(phases):
             for key in ("placement", "replay", "training"):
-                if isinstance(phase, dict) and phase.get(key):
+                # A saved recipe.resolved.yaml lists every phase's training overrides, all null: not a setting.
+                value = phase.get(key) if isinstance(phase, dict) else None
+                if isinstance(value, dict) and all(v is None for v in value.values()):
+                    continue
+                if value:
                     problems.append((f"phases[{i}].{key}", "not used with mixed_baseline: the single mixed phase "
                                      "takes the top-level training settings"))
     seen: dict[str, int] = {}

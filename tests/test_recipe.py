@@ -311,3 +311,16 @@ training:
     assert recipe.training.learning_rate == pytest.approx(1e-3)
     assert recipe.training.max_steps == 5
     assert recipe.phases[1].datasets[0] == recipe.phases[0].datasets[0]
+
+
+def test_a_mixed_baseline_run_s_resolved_recipe_loads_again(tmp_path) -> None:
+    """recipe.resolved.yaml lists each phase's (all-null) training overrides: reloading it is no error,
+    while a real per-phase setting under mixed_baseline still is."""
+    from cft_adapters.recipe import dump_recipe
+
+    recipe = load_recipe(SMOKE, ["mixed_baseline=true"])
+    saved = tmp_path / "recipe.resolved.yaml"
+    saved.write_text(dump_recipe(recipe), encoding="utf-8")
+    assert load_recipe(saved).mixed_baseline is True
+    with pytest.raises(RecipeError, match=r"phases\[1\]\.training: not used with mixed_baseline"):
+        load_recipe(saved, ["phases[1].training.learning_rate=0.1"])
