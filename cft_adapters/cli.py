@@ -54,6 +54,9 @@ def _quiet_libraries() -> None:
     # noise to hide (tests/test_warnings.py keeps our own calls free of them).
     warnings.filterwarnings("once", category=UserWarning)
     warnings.filterwarnings("once", category=FutureWarning)
+    # Except those a library raises from its own code, which a user cannot act on: TRL 1.16 reads the
+    # model's deprecated `is_gradient_checkpointing` (trl/models/utils.py) during training.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # lm-eval warns that each ability group's members report different metrics: by design here.
     # Its level follows LMEVAL_LOG_LEVEL, so a user who sets it keeps their choice.
     level = logging.getLevelName(os.environ.get("LMEVAL_LOG_LEVEL", "ERROR").upper())

@@ -189,7 +189,9 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    real_guard = phases.NonFiniteGuard
+    import cft_adapters.train_phase as train_phase
+
+    real_guard = train_phase.NonFiniteGuard
 
     class PoisonThenGuard(TrainerCallback):
         def __init__(self, model):
@@ -203,7 +205,7 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None
         def on_step_end(self, *args, **kwargs):
             self.guard.on_step_end(*args, **kwargs)
 
-    monkeypatch.setattr(phases, "NonFiniteGuard", PoisonThenGuard)
+    monkeypatch.setattr(train_phase, "NonFiniteGuard", PoisonThenGuard)
     recipe = load_recipe(SMOKE, [f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(phases.RunError) as exc:
         PhaseRunner(recipe, str(SMOKE)).run()

@@ -19,6 +19,8 @@ def test_the_cli_shows_each_warning_once_instead_of_hiding_it() -> None:
         for _ in range(3):
             warnings.warn("a library says something", FutureWarning)
             warnings.warn("a user-facing note", UserWarning)
+            # TRL's own use of a deprecated transformers property: nothing a user can act on
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
     assert sorted(str(w.message) for w in caught) == ["a library says something", "a user-facing note"]
 
 
