@@ -19,9 +19,8 @@ from cft_adapters.tasks_path import tasks_dir
 
 from conftest import SMOKE
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_phases_0_1_2_all_scored_in_run_json(smoke_run: Path) -> None:
     manifest = RunManifest.read(smoke_run)
     assert [p.eval_status for p in manifest.phases] == ["done"] * 3
@@ -46,6 +45,7 @@ def _fresh_scores(manifest: RunManifest, run: Path, eval_cfg: EvalConfig, index:
     return CheckpointScorer(eval_cfg, tok, base).score(adapter, tmp_path / f"fresh{index}").metrics
 
 
+@pytest.mark.slow
 def test_adapter_swap_scores_exactly_like_a_fresh_load(smoke_run: Path, tmp_path: Path) -> None:
     manifest = RunManifest.read(smoke_run)
     recipe = load_recipe(smoke_run / "recipe.resolved.yaml")
@@ -69,6 +69,7 @@ def fp32_run(tmp_path_factory, tiny_model_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_stock_lm_eval_cli_reproduces_the_in_process_score(fp32_run: Path, tmp_path: Path) -> None:
     manifest = RunManifest.read(fp32_run)
     assert manifest.eval_base_precision == "fp32"
@@ -86,6 +87,7 @@ def test_stock_lm_eval_cli_reproduces_the_in_process_score(fp32_run: Path, tmp_p
     assert results["cft_smoke_en_gen"]["rougeL,none"] == pytest.approx(recorded["cft_smoke_en_gen"]["rougeL"], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="lm-eval 0.4.13 + transformers 5: the stock CLI cannot load an NF4 base "
                    "(unexpected keyword 'load_in_4bit'); NF4 scoring goes through cft-eval. If this passes, "
                    "upstream fixed it: update the README's NF4 note and drop this marker.")
@@ -98,6 +100,7 @@ def test_stock_cli_nf4_base_loads(tiny_model_path: Path, tmp_path: Path) -> None
     assert proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_failing_task_marks_eval_failed_keeps_adapter_and_cft_eval_retries(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     # cft_langfid_fr reads the Aya suite from the hub, which is switched off here: it fails.
@@ -126,6 +129,7 @@ def test_cft_eval_errors_are_clean(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out.strip() == str(tasks_dir())
 
 
+@pytest.mark.slow
 def test_cft_eval_on_a_subset_with_other_settings_is_a_separate_labelled_set(smoke_run: Path, tmp_path: Path) -> None:
     """The README's example: other limit and precision, two phases. report.md and the run's own
     scores stay as they were; the new scores are their own result set with their own report."""
@@ -162,6 +166,7 @@ def test_result_set_label_names_what_differs() -> None:
     assert result_set_label({**own, "num_fewshot": 5}, own) == "5shot"
 
 
+@pytest.mark.slow
 def test_changed_eval_settings_are_refused_even_without_tasks(smoke_run: Path, tmp_path: Path, capsys) -> None:
     """With eval.tasks: [] nothing is scored, but the resolved recipe would still claim limit 2."""
     import shutil
@@ -174,6 +179,7 @@ def test_changed_eval_settings_are_refused_even_without_tasks(smoke_run: Path, t
     assert (run / "recipe.resolved.yaml").read_bytes() == resolved
 
 
+@pytest.mark.slow
 def test_cft_eval_on_some_tasks_keeps_the_report_whole_and_checks_its_options(smoke_run: Path, tmp_path: Path,
                                                                               capsys) -> None:
     import shutil

@@ -19,8 +19,6 @@ from cft_adapters.manifest import RunManifest
 
 from conftest import REPO, SMOKE
 
-pytestmark = pytest.mark.slow
-
 P1, P2 = "phase_1_english", "phase_2_french_german"
 
 
@@ -36,6 +34,7 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_finished_adapter_that_was_altered_is_refused(smoke_run, tmp_path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     path = run / P1 / "adapter" / "adapter_model.safetensors"
@@ -47,6 +46,7 @@ def test_a_finished_adapter_that_was_altered_is_refused(smoke_run, tmp_path, cap
     assert (run / "run.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_deleted_finished_adapter_is_refused(smoke_run, tmp_path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     (run / P1 / "adapter" / "adapter_model.safetensors").unlink()
@@ -54,6 +54,7 @@ def test_a_deleted_finished_adapter_is_refused(smoke_run, tmp_path, capsys) -> N
     assert "phase 1 'english': its adapter file" in _one_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_changed_eval_settings_are_refused_not_recorded(smoke_run, tmp_path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     before = {name: (run / name).read_bytes() for name in ("run.json", "recipe.resolved.yaml", "report.md")}
@@ -64,6 +65,7 @@ def test_changed_eval_settings_are_refused_not_recorded(smoke_run, tmp_path, cap
     assert main([str(SMOKE), f"output_dir={run}"]) == 0  # the run's own settings still work
 
 
+@pytest.mark.slow
 def test_a_data_file_edited_in_place_is_another_phase(tmp_path, capsys) -> None:
     data = tmp_path / "fr_de.jsonl"
     shutil.copy(REPO / "cft_adapters/data/smoke/multi_fr_de.jsonl", data)
@@ -81,6 +83,7 @@ def test_a_data_file_edited_in_place_is_another_phase(tmp_path, capsys) -> None:
     assert "the content of a data file it reads has changed" in line
 
 
+@pytest.mark.slow
 def test_a_damaged_run_json_names_the_field_and_deleting_it_recovers(smoke_run, tmp_path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     manifest = json.loads((run / "run.json").read_text())
@@ -102,6 +105,7 @@ def test_a_damaged_run_json_names_the_field_and_deleting_it_recovers(smoke_run, 
     assert stamps == {p: (run / p / "adapter/adapter_model.safetensors").stat().st_mtime_ns for p in (P1, P2)}
 
 
+@pytest.mark.slow
 def test_a_crafted_phase_name_in_run_json_is_refused(smoke_run, tmp_path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     manifest = json.loads((run / "run.json").read_text())
@@ -112,6 +116,7 @@ def test_a_crafted_phase_name_in_run_json_is_refused(smoke_run, tmp_path, capsys
     assert not (tmp_path.parent / "escaped").exists()
 
 
+@pytest.mark.slow
 def test_written_files_follow_the_umask(smoke_run) -> None:
     mask = os.umask(0)
     os.umask(mask)
@@ -125,6 +130,7 @@ def _fault(point: str, args: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_a_stale_replay_pool_is_moved_aside_when_the_replay_settings_change(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     gr5 = [str(SMOKE.parent / "smoke_gr5.yaml"), f"output_dir={run}", "eval.tasks=[]"]
@@ -143,6 +149,7 @@ def test_a_stale_replay_pool_is_moved_aside_when_the_replay_settings_change(tmp_
     assert record.train.resumed_from is None
 
 
+@pytest.mark.slow
 def test_a_replay_pool_built_for_another_adapter_is_not_reused(tmp_path, capsys) -> None:
     """The same phase-2 settings, but phase 1 (the model that answers) was retrained differently."""
     run = tmp_path / "run"
@@ -157,6 +164,7 @@ def test_a_replay_pool_built_for_another_adapter_is_not_reused(tmp_path, capsys)
     assert RunManifest.read(run).phases[2].replay["pool_reused"] is False
 
 
+@pytest.mark.slow
 def test_disk_full_fails_the_phase_in_one_line_and_the_rerun_finishes(tmp_path) -> None:
     run = tmp_path / "run"
     args = [str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]
@@ -170,6 +178,7 @@ def test_disk_full_fails_the_phase_in_one_line_and_the_rerun_finishes(tmp_path) 
     assert RunManifest.read(run).phases[2].train.resumed_from.endswith("checkpoint-8")
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     args = [str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]
@@ -186,6 +195,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys) -> None:
     assert len(damaged) == 1 and (damaged[0] / "optimizer.pt").read_bytes() == b"garbage"
 
 
+@pytest.mark.slow
 def test_checkpoints_of_an_unknown_attempt_are_not_resumed_under_new_settings(tmp_path, capsys) -> None:
     """run.json moved aside (as its error message suggests), then the recipe changed: the trainer
     checkpoints on disk carry no settings, so attempt.json decides, and they are set aside."""
@@ -200,6 +210,7 @@ def test_checkpoints_of_an_unknown_attempt_are_not_resumed_under_new_settings(tm
     assert list((run / P2).glob("stale-*/trainer/checkpoint-8"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_holding_nan_is_never_the_last_good_one(tmp_path) -> None:
     from cft_adapters.rundir import last_good_checkpoint
 

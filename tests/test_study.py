@@ -140,6 +140,7 @@ def test_no_free_answer_item_is_answered_by_its_own_prompt() -> None:
                 assert contains_answer(row["prompt"], row["reference"]) == 0.0, row
 
 
+@pytest.mark.slow
 def test_mini_tasks_validate_offline() -> None:
     from cft_adapters.taskgen import validate_offline
 

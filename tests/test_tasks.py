@@ -74,6 +74,7 @@ def test_offline_validation_catches_a_missing_member(tmp_path, monkeypatch) -> N
     assert validate_offline(["cft_smoke_en"]) == ["cft_smoke_en: member 'cft_smoke_en_gne' is not a known lm-eval task or group"]
 
 
+@pytest.mark.slow
 def test_stock_lm_eval_lists_the_families() -> None:
     proc = subprocess.run([sys.executable, "-m", "lm_eval", "ls", "tasks", "--include_path", str(tasks_dir())],
                           capture_output=True, text=True, timeout=300)

@@ -15,8 +15,6 @@ from cft_adapters.cli import analyze_main, eval_main
 from cft_adapters.errors import CftError
 from cft_adapters.rundir import inside
 
-pytestmark = pytest.mark.slow
-
 EVAL_ARGS = ["--tasks", "cft_smoke_en_mc", "--limit", "2"]
 
 
@@ -68,6 +66,7 @@ def test_inside_resolves_and_refuses_what_leaves_the_run_dir(tmp_path: Path) -> 
         inside(run, run / "link" / "f")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "drift"])
 @pytest.mark.parametrize("name", ["x/../../escaped", "..", "French"])
 def test_crafted_phase_name_is_refused_before_anything_is_written(
@@ -81,12 +80,14 @@ def test_crafted_phase_name_is_refused_before_anything_is_written(
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_phase_index_must_match_its_position(smoke_run: Path, tmp_path: Path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     _edit_manifest(run, 1, index=7)
     _refused(capsys, _cli("eval", run), f"{run}/run.json: phases[1].index: expected 1, got 7")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "drift"])
 def test_checkpoint_outside_the_run_dir_is_not_loaded(smoke_run: Path, tmp_path: Path, capsys, command: str) -> None:
     run = _copy(smoke_run, tmp_path)
@@ -99,6 +100,7 @@ def test_checkpoint_outside_the_run_dir_is_not_loaded(smoke_run: Path, tmp_path:
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_symlinked_out_of_the_run_dir_is_not_loaded(smoke_run: Path, tmp_path: Path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     shutil.move(run / "phase_2_french_german" / "adapter", tmp_path / "elsewhere")
@@ -108,6 +110,7 @@ def test_checkpoint_symlinked_out_of_the_run_dir_is_not_loaded(smoke_run: Path, 
              f"{(tmp_path / 'elsewhere').resolve()}, outside the run directory {run.resolve()}")
 
 
+@pytest.mark.slow
 def test_cft_eval_does_not_write_through_a_symlinked_eval_folder(smoke_run: Path, tmp_path: Path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     shutil.rmtree(run / "phase_1_english" / "eval")
@@ -119,6 +122,7 @@ def test_cft_eval_does_not_write_through_a_symlinked_eval_folder(smoke_run: Path
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_drift_does_not_write_through_a_symlinked_analysis_folder(smoke_run: Path, tmp_path: Path, capsys) -> None:
     run = _copy(smoke_run, tmp_path)
     (tmp_path / "outside").mkdir()
@@ -129,6 +133,7 @@ def test_drift_does_not_write_through_a_symlinked_analysis_folder(smoke_run: Pat
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "drift"])
 def test_trust_remote_code_from_a_run_dir_needs_the_flag(smoke_run: Path, tmp_path: Path, capsys, command: str) -> None:
     run = _copy(smoke_run, tmp_path)

@@ -13,8 +13,6 @@ from cft_adapters.recipe import load_recipe
 
 from conftest import SMOKE
 
-pytestmark = pytest.mark.slow
-
 
 def test_mpd_formula_on_constructed_adapters() -> None:
     g = torch.Generator().manual_seed(0)
@@ -43,6 +41,7 @@ def _recipe(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_mpd_is_zero_for_same_data_and_grows_with_dissimilarity(tmp_path, capsys) -> None:
     recipe_path = _recipe(tmp_path)
     totals = {}
@@ -71,6 +70,7 @@ def test_drift_is_zero_between_identical_features() -> None:
     assert linear_cka(feats[0], rotated) == pytest.approx(1.0)  # CKA ignores rotations
 
 
+@pytest.mark.slow
 def test_drift_cli_on_a_trained_run(smoke_run: Path, tmp_path) -> None:
     out = tmp_path / "drift.json"
     assert analyze_main(["drift", str(smoke_run), "--out", str(out)]) == 0
@@ -99,6 +99,7 @@ def test_drift_needs_two_checkpoints(tmp_path, capsys) -> None:
     assert "has only the base" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cft_train_writes_drift_when_the_recipe_asks(tmp_path) -> None:
     from cft_adapters.cli import main
 
