@@ -148,7 +148,6 @@ class ReplayPositionCallback(TrainerCallback):
         ))
 
 
-@torch.no_grad()
 def attach_replay(trainer: Any, pool: ReplayPool, cfg: ReplayConfig, training: TrainingConfig) -> ReplayCollator:
     """Mix `pool` into `trainer`'s batches: its data collator is wrapped by a ReplayCollator, and a
     callback keeps the schedule's position across a resume. Returns the collator (its counters)."""
@@ -185,6 +184,7 @@ def replay_record(collator: ReplayCollator, pool: ReplayPool, cfg: ReplayConfig,
     }
 
 
+@torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, batch_size: int, max_new_tokens: int,
     min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,

@@ -6,6 +6,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from cft_adapters.cli import main
 from cft_adapters.errors import CftError, RecipeError
@@ -270,3 +271,25 @@ def test_data_parallel_ranks_follow_the_single_process_schedule() -> None:
             got[local * 2 + r] = feature
     assert got == expected
     assert sum(c.replayed for c in ranks) == single.replayed == 16
+
+
+def test_replay_generation_records_no_gradients(tiny_model_path) -> None:
+    """Answering thousands of prompts must not build autograd graphs (memory), even when the caller
+    has gradients on, as the trainer's process does."""
+    from cft_adapters.modeling import load_base_model, load_tokenizer, new_adapter
+    from cft_adapters.replay import generate_answers
+
+    recipe = load_recipe(SMOKE)
+    tok = load_tokenizer(recipe.model, str(tiny_model_path))
+    model = new_adapter(load_base_model(recipe.model, str(tiny_model_path)), recipe.adapter)
+    seen = []
+    real_generate = model.generate
+
+    def generate(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return real_generate(*args, **kwargs)
+
+    model.generate = generate
+    assert torch.is_grad_enabled()
+    answers, _ = generate_answers(model, tok, [[{"role": "user", "content": "Name a colour."}]], batch_size=1, max_new_tokens=4)
+    assert len(answers) == 1 and seen == [False]
