@@ -324,3 +324,40 @@ def test_a_mixed_baseline_run_s_resolved_recipe_loads_again(tmp_path) -> None:
     assert load_recipe(saved).mixed_baseline is True
     with pytest.raises(RecipeError, match=r"phases\[1\]\.training: not used with mixed_baseline"):
         load_recipe(saved, ["phases[1].training.learning_rate=0.1"])
+
+
+# The paper's matrix (arXiv 2410.16006, 2026 version): each shipped recipe and the row `cft tables`
+# files it under (pair from the recipe's name or mixed_baseline, mitigation from what it does, model
+# from the base id). The Instruct pair starts from the vendor's Instruct model and trains one phase.
+PAPER_MATRIX = [
+    (f"{stem}{suffix}.yaml", model, setting, condition)
+    for stem, model in (("mistral", "mistral-7b"), ("llama3", "llama-3-8b"))
+    for suffix, setting, condition in (
+        ("_similar", "similar", "none"), ("_mixed", "mixed", "none"),
+        ("_instruct_dissimilar", "dissimilar", "none"), ("_instruct_dissimilar_gr5", "dissimilar", "GR_5"),
+        ("_instruct_dissimilar_gr10", "dissimilar", "GR_10"), ("_instruct_dissimilar_er10", "dissimilar", "ER_10"),
+        ("_instruct_dissimilar_lf_h1", "dissimilar", "LF_H1"), ("_instruct_dissimilar_lf_h2", "dissimilar", "LF_H2"),
+        ("_instruct_dissimilar_spectrum", "dissimilar", "Spectrum"),
+    )
+]
+
+
+@pytest.mark.parametrize(("name", "model", "setting", "condition"), PAPER_MATRIX, ids=[m[0] for m in PAPER_MATRIX])
+def test_shipped_paper_matrix_recipe_maps_to_its_paper_row(name: str, model: str, setting: str, condition: str) -> None:
+    from cft_adapters.paper_numbers import paper_numbers
+    from cft_adapters.paper_tables import RecipeFacts, condition_of, setting_of
+
+    path = REPO / "recipes" / name
+    recipe = load_recipe(path)
+    assert path.read_text(encoding="utf-8").startswith("#"), "a paper recipe opens with what it reproduces"
+    phases = recipe.model_dump(exclude_none=True)["phases"]
+    facts = RecipeFacts(description=recipe.description, model=recipe.model, adapter=recipe.adapter, eval=recipe.eval,
+                        mixed_baseline=recipe.mixed_baseline, condition=condition_of(phases))
+    assert setting_of(facts, path.stem, None, None)[0] == setting
+    assert facts.condition == condition
+    assert paper_numbers().model_for(recipe.model.name_or_path) == model
+    if setting == "dissimilar":  # phase 1 is the vendor's instruction tuning: the Instruct model, one phase
+        assert recipe.model.name_or_path.endswith("Instruct-v0.1" if model == "mistral-7b" else "8B-Instruct")
+        assert len(recipe.phases) == 1
+    if condition == "LF_H2":
+        assert recipe.phases[0].placement.reference.tuned == recipe.model.name_or_path
