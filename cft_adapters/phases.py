@@ -28,7 +28,8 @@ from cft_adapters.recipe import Recipe, dump_recipe
 from cft_adapters.reference_change import reference_change_scores
 from cft_adapters.replay import ReplayPool, build_pool
 from cft_adapters.rundir import RunDirectory, last_good_checkpoint, read_manifest, verify_adapter
-from cft_adapters.scoring import eval_settings, record_evaluation
+from cft_adapters.score_cache import BaseScoreCache, StoringScorer, base_score_key, cache_enabled
+from cft_adapters.scoring import Scorer, eval_settings, record_evaluation
 from cft_adapters.train_phase import train_phase
 from cft_adapters.util.fs import cache_dir, write_atomic
 
@@ -217,11 +218,32 @@ class PhaseRunner:
         if record.eval_status == "done" and set(self.recipe.eval.tasks) <= set(record.eval_tasks):
             return
         adapter_dir = verify_adapter(self.run_dir, record) if k > 0 else None
-        self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(self.recipe.eval.tasks)}")
-        scorer = self._scorer(adapter_dir)
         precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
-        record_evaluation(self.manifest, record, scorer, adapter_dir, self.run_dir, self.console,
-                          eval_settings(self.recipe.eval, precision))
+        settings = eval_settings(self.recipe.eval, precision)
+        cache = self._base_score_cache(settings) if k == 0 else None
+        cached = cache.lookup(self.recipe.eval, self.console) if cache is not None else None
+        scorer: Scorer
+        if cached is not None:
+            self.console.print(f"phase 0 '{record.name}': scores from the cache ({cache.dir})")  # type: ignore[union-attr]
+            scorer = cached
+        else:
+            self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(self.recipe.eval.tasks)}")
+            scorer = self._scorer(adapter_dir)
+            if cache is not None:
+                scorer = StoringScorer(scorer, cache, self.console)
+        record_evaluation(self.manifest, record, scorer, adapter_dir, self.run_dir, self.console, settings)
+
+    def _base_score_cache(self, settings: dict[str, Any]) -> BaseScoreCache | None:
+        """Where the base's scores under these settings are kept across runs (None: cache off)."""
+        if not cache_enabled():
+            return None
+        if self.base_path is None:
+            self.base_path = modeling.resolve_model_path(self.recipe.model)
+        try:
+            return BaseScoreCache(base_score_key(self.recipe.model, self.base_path, self.recipe.eval, settings))
+        except OSError as exc:  # the task files or the model folder could not be read: score, cache nothing
+            self.console.print(f"[yellow]base score cache:[/] not used ({exc})")
+            return None
 
     def _scorer(self, adapter_dir: Path | None) -> CheckpointScorer:
         """Score on the training base in memory, or on a second base when eval.base_precision differs."""

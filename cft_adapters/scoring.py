@@ -5,13 +5,22 @@ runner (cft-train) and by cft-eval alike."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 
-from cft_adapters.evaluation import CheckpointScorer
+from cft_adapters.evaluation import EvalOutcome
 from cft_adapters.manifest import PhaseRecord, RunManifest
 from cft_adapters.recipe import EvalConfig
+
+
+class Scorer(Protocol):
+    """What scores a checkpoint: a `CheckpointScorer`, or the base's cached scores (score_cache)."""
+
+    @property
+    def eval_cfg(self) -> EvalConfig: ...
+
+    def score(self, adapter_dir: Path | None, out_dir: Path) -> EvalOutcome: ...
 
 
 def eval_settings(eval_cfg: EvalConfig, precision: str) -> dict[str, Any]:
@@ -34,7 +43,7 @@ def result_set_label(settings: dict[str, Any], run_settings: dict[str, Any]) -> 
 
 
 def record_evaluation(
-    manifest: RunManifest, record: PhaseRecord, scorer: CheckpointScorer, adapter_dir: Path | None,
+    manifest: RunManifest, record: PhaseRecord, scorer: Scorer, adapter_dir: Path | None,
     run_dir: Path, console: Console, settings: dict[str, Any] | None = None, label: str | None = None,
 ) -> None:
     """Score one checkpoint into phase_k_<name>/eval/ and run.json. A failing task marks the
