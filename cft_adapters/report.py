@@ -218,6 +218,15 @@ def backward_transfer(manifest: RunManifest, scores: list[PhaseScores]) -> float
     return _mean(gaps)
 
 
+def _phase_table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    """A markdown table of phases: the phase column left-aligned, the numbers right-aligned."""
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def _fmt(value: float | None, signed: bool = False, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -329,9 +338,7 @@ def _paper_section(scores: list[PhaseScores]) -> list[str]:
         "EA: the mean over English benchmarks; MA: the mean over multilingual benchmarks, each averaged over its "
         "languages first; Combined = (EA + MA) / 2. Language fidelity is reported beside MA, not inside it.",
         "",
-        "| " + " | ".join(PAPER_COLUMNS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(PAPER_COLUMNS) - 1)) + "|",
-        *("| " + " | ".join(row) + " |" for row in paper_rows(paper)),
+        *_phase_table(PAPER_COLUMNS, paper_rows(paper)),
         "",
         *(f"- {note}." for note in paper_coverage(scores).notes()),
         "",
@@ -386,9 +393,7 @@ def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str], setting
         "Every unit counts once; MA is split by whether the unit's language was trained in this run, and "
         "language fidelity counts inside it.",
         "",
-        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(SUMMARY_COLUMNS) - 1)) + "|",
-        *("| " + " | ".join(row) + " |" for row in summary_rows(scores)),
+        *_phase_table(SUMMARY_COLUMNS, summary_rows(scores)),
         "",
         f"Backward transfer: {_fmt(backward_transfer(manifest, scores), True)}.",
         "",
