@@ -45,14 +45,36 @@ def unknown_tasks(names: list[str]) -> list[str]:
     return problems
 
 
-def check_eval_tasks(eval_cfg: EvalConfig, source: str) -> None:
-    """Every task is known to lm-eval, and the report can classify it (before anything trains)."""
+def check_eval_tasks(eval_cfg: EvalConfig, source: str, console: Any = None) -> None:
+    """Every task is known to lm-eval, and the report can classify it (before anything trains).
+    An AlpacaEval member without a judge is announced as skipped (on `console`, when given)."""
     problems = unknown_tasks(eval_cfg.tasks)
     if problems:
         raise RecipeError([f"{source}: {p}" for p in problems])
     problems = unclassified_tasks(eval_cfg.tasks)
     if problems:
         raise TaskSemanticsError([f"{source}: {p}" for p in problems])
+    from cft_adapters import alpacaeval
+
+    if eval_cfg.judge is not None and alpacaeval.judged_tasks(list(eval_cfg.tasks)):
+        alpacaeval.check_judge(eval_cfg.judge, source)
+    skipped = skipped_tasks(eval_cfg)
+    if skipped and console is not None:
+        console.print(f"[yellow]{', '.join(skipped)} skipped: AlpacaEval needs a judge and {source} sets no "
+                      f"eval.judge (a local model, or an OpenAI-compatible endpoint); EA is averaged without AlpacaEval[/]")
+
+
+def skipped_tasks(eval_cfg: EvalConfig) -> list[str]:
+    """The requested AlpacaEval members that cannot be judged: no judge is configured."""
+    from cft_adapters import alpacaeval
+
+    return [] if alpacaeval.configured_judge(eval_cfg) else alpacaeval.judged_tasks(list(eval_cfg.tasks))
+
+
+def scored_tasks(eval_cfg: EvalConfig) -> list[str]:
+    """The tasks lm-eval runs: the requested ones less those `skipped_tasks` names."""
+    skipped = set(skipped_tasks(eval_cfg))
+    return [name for name in eval_cfg.tasks if name not in skipped]
 
 
 def training_precision(model: ModelConfig) -> str:
@@ -116,25 +138,28 @@ def run_lm_eval(model: Any, tokenizer: Any, eval_cfg: EvalConfig) -> dict[str, A
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from cft_adapters import alpacaeval
+
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_cfg.batch_size)
     started = time.perf_counter()
     limit = eval_cfg.limit if eval_cfg.limit is None or eval_cfg.limit < 1 else int(eval_cfg.limit)
     try:
-        results = simple_evaluate(
-            model=lm,
-            tasks=list(eval_cfg.tasks),
-            task_manager=task_manager(),
-            num_fewshot=eval_cfg.num_fewshot,
-            limit=limit,
-            apply_chat_template=eval_cfg.apply_chat_template,
-            log_samples=eval_cfg.log_samples,
-            bootstrap_iters=eval_cfg.bootstrap_iters,
-            random_seed=0,
-            numpy_random_seed=1234,
-            torch_random_seed=1234,
-            fewshot_random_seed=1234,
-        )
+        with alpacaeval.judging(eval_cfg.judge):
+            results = simple_evaluate(
+                model=lm,
+                tasks=scored_tasks(eval_cfg),
+                task_manager=task_manager(),
+                num_fewshot=eval_cfg.num_fewshot,
+                limit=limit,
+                apply_chat_template=eval_cfg.apply_chat_template,
+                log_samples=eval_cfg.log_samples,
+                bootstrap_iters=eval_cfg.bootstrap_iters,
+                random_seed=0,
+                numpy_random_seed=1234,
+                torch_random_seed=1234,
+                fewshot_random_seed=1234,
+            )
     finally:
         model.train(was_training)
     results["cft_eval_seconds"] = round(time.perf_counter() - started, 3)

@@ -24,7 +24,7 @@ How a run finds its row, from what the run directory holds:
 Runs that share the recipe, pair, mitigation and model (the seeds of a study) are averaged, and the
 row says over how many. Each place where the comparison is not like for like is a numbered note:
 QLoRA against the paper's full fine-tuning, an evaluation limit, a benchmark not scored (AlpacaEval
-has no judge here) or a stand-in for one, a base model or pair the paper does not have.
+without a judge) or a stand-in for one, AlpacaEval's judge, a base model or pair the paper does not have.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Run:
     model: str | None  # the paper's model key
     training: str
     limit: float | None
+    judge: str | None  # the AlpacaEval judge, when one scored it
     phases: list[report.PaperScores]
     roles: list[str | None]  # per phase: the paper's phase1 / phase2, or None
     coverage: report.PaperCoverage
@@ -183,9 +184,16 @@ def read_run(run_dir: Path, given: str | None = None, hint: str | None = None, p
         path=run_dir, recipe_name=recipe_name, description=recipe.description, base_model=manifest.base_model,
         setting=setting, setting_from=setting_from, condition=recipe.condition,
         model=paper_model or paper_numbers().model_for(manifest.base_model), training=_training(recipe),
-        limit=limit, phases=report.paper_scores(scores), roles=_roles(len(scores), recipe.mixed_baseline),
+        limit=limit, judge=_judge(own, recipe), phases=report.paper_scores(scores), roles=_roles(len(scores), recipe.mixed_baseline),
         coverage=report.paper_coverage(scores),
     )
+
+
+def _judge(own: dict[str, Any] | None, recipe: Any) -> str | None:
+    judge = (own or {}).get("judge") or (recipe.eval.judge.model_dump() if recipe.eval.judge else None)
+    if not judge:
+        return None
+    return f"{judge['model']} at {judge['endpoint']}" if judge.get("endpoint") else f"{judge['model']} (local)"
 
 
 def study_runs(study_dir: Path) -> list[tuple[Path, str]]:
@@ -241,6 +249,8 @@ def _run_notes(group: Group, notes: Notes, paper: PaperNumbers) -> list[int]:
         how = f"{run.limit:.0%} of each task" if run.limit < 1 else f"at most {run.limit:g} examples per task"
         ids.append(notes.add(f"scored on {how} (eval.limit); the paper scores the full test sets"))
     ids += [notes.add(n) for n in run.coverage.notes()]
+    if run.judge and "alpacaeval" in run.coverage.scored.get("EA", []):
+        ids.append(notes.add(f"AlpacaEval judged by {run.judge}; AlpacaEval 2.0's own judge is GPT-4 Turbo"))
     if run.model is None:
         ids.append(notes.add(f"base {run.base_model} is none of the paper's models "
                              f"({', '.join(m.name for m in paper.models.values())}): paper: n/a "

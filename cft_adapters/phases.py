@@ -62,7 +62,7 @@ class PhaseRunner:
 
     def _setup_run_dir(self) -> RunManifest:
         if self.recipe.eval.tasks:
-            check_eval_tasks(self.recipe.eval, self.recipe_path)
+            check_eval_tasks(self.recipe.eval, self.recipe_path, self.console)
         check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
         check_placements(self.recipe, self.recipe_path)
         check_liger(self.recipe, self.recipe_path)

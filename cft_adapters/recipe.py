@@ -157,6 +157,23 @@ def _overrides_model(base: type[BaseModel], name: str) -> type[BaseModel]:
 TrainingOverrides = _overrides_model(TrainingConfig, "TrainingOverrides")
 
 
+class JudgeConfig(_Strict):
+    model: str = Field(
+        description="The AlpacaEval judge: a local model (directory, hub id or 'builtin:<name>') whose next-token "
+        "log-probabilities answer the package's judge prompt, or, with `endpoint`, the model name the endpoint serves.",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="An OpenAI-compatible endpoint (e.g. a local vLLM server, 'http://localhost:8000/v1') that serves "
+        "`model` with logprobs; its key is read from OPENAI_API_KEY. None: load `model` locally.",
+    )
+    quantization: Literal["nf4", "none"] = Field("none", description="A local judge's weights: plain, or NF4.")
+    trust_remote_code: bool = Field(False, description="Run a local judge repository's own Python code.")
+    max_prompt_tokens: int = Field(
+        4096, ge=64, description="A local judge reads at most this many prompt tokens (the end of the prompt is kept)."
+    )
+
+
 class EvalConfig(_Strict):
     tasks: list[str] = Field(
         default_factory=list,
@@ -175,6 +192,12 @@ class EvalConfig(_Strict):
         None,
         description="Precision of the base the adapters are scored on. None: the training base as it is "
         "in memory (no second load). Another value loads the base once more at that precision.",
+    )
+    judge: JudgeConfig | None = Field(
+        None,
+        description="The LLM judge of the AlpacaEval members (cft_alpacaeval, cft_smoke_alpacaeval): the length-"
+        "controlled win rate against the reference answers, through the alpaca-eval package. None: those members "
+        "are skipped with a message, and EA has four members.",
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from rich.console import Console
 
-from cft_adapters.evaluation import EvalOutcome
+from cft_adapters.evaluation import EvalOutcome, scored_tasks
 from cft_adapters.manifest import PhaseRecord, RunManifest
 from cft_adapters.recipe import EvalConfig
 
@@ -28,8 +28,11 @@ def eval_settings(eval_cfg: EvalConfig, precision: str) -> dict[str, Any]:
     limit = eval_cfg.limit
     if limit is not None and limit >= 1 and float(limit).is_integer():
         limit = int(limit)  # a count of examples (below 1 it is a fraction)
-    return {"limit": limit, "num_fewshot": eval_cfg.num_fewshot, "batch_size": eval_cfg.batch_size,
-            "apply_chat_template": eval_cfg.apply_chat_template, "base_precision": precision}
+    settings = {"limit": limit, "num_fewshot": eval_cfg.num_fewshot, "batch_size": eval_cfg.batch_size,
+                "apply_chat_template": eval_cfg.apply_chat_template, "base_precision": precision}
+    if eval_cfg.judge is not None:  # only then: settings recorded before judges existed still compare equal
+        settings["judge"] = eval_cfg.judge.model_dump()
+    return settings
 
 
 def result_set_label(settings: dict[str, Any], run_settings: dict[str, Any]) -> str:
@@ -77,6 +80,6 @@ def record_evaluation(
     target.eval_groups = {**target.eval_groups, **outcome.groups}
     target.eval_seconds = outcome.seconds
     target.eval_files.append(str(outcome.results_file.relative_to(run_dir)))
-    target.eval_tasks = sorted(set(target.eval_tasks) | set(scorer.eval_cfg.tasks))
+    target.eval_tasks = sorted(set(target.eval_tasks) | set(scored_tasks(scorer.eval_cfg)))
     target.eval_status, target.eval_error = "done", None
     manifest.write(run_dir)

@@ -24,7 +24,7 @@ def _requirements() -> dict[str, Requirement]:
     return {Requirement(d).name: Requirement(d) for d in deps}
 
 
-@pytest.mark.parametrize("package", ["trl", "peft", "bitsandbytes", "transformers", "lm-eval"])
+@pytest.mark.parametrize("package", ["trl", "peft", "bitsandbytes", "transformers", "lm-eval", "alpaca-eval"])
 def test_the_installed_version_is_inside_the_declared_range(package: str) -> None:
     requirement = _requirements()[package]
     assert requirement.specifier.contains(version(package), prereleases=True), (package, version(package), str(requirement))

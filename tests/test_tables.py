@@ -77,8 +77,8 @@ def test_paper_coverage_names_what_is_missing_and_what_stands_in() -> None:
     run = _manifest(_paper_phase(ifeval=0.30, xquad_de=0.20))
     notes = paper_coverage(phase_scores(run, PAPER_TASKS)).notes()
     assert notes == [
-        "EA over 4 of the paper's 5 benchmarks: AlpacaEval missing (AlpacaEval needs an LLM judge; this package "
-        "ships no AlpacaEval task and runs no judge)",
+        "EA over 4 of the paper's 5 benchmarks: AlpacaEval missing (AlpacaEval needs an LLM judge and the recipe "
+        "sets none (eval.judge: a local model or an OpenAI-compatible endpoint))",
         "language fidelity (langfid) is reported beside MA, not inside it",
     ]
     smoke = _manifest({"cft_smoke_en_mc": {"acc": 0.5}, "cft_smoke_en_gen": {"rougeL": 0.5},
@@ -351,8 +351,9 @@ def test_cft_tables_on_real_smoke_runs(smoke_run: Path, tmp_path: Path, capsys) 
                      "--out", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
-    none = [p for p in paper_scores(phase_scores(RunManifest.read(smoke_run), SMOKE_TASKS))]
-    lf = paper_scores(phase_scores(RunManifest.read(lf_h1), SMOKE_TASKS))
+    tasks = [*SMOKE_TASKS, "cft_smoke_alpacaeval"]  # the smoke recipe also scores AlpacaEval, judged
+    none = [p for p in paper_scores(phase_scores(RunManifest.read(smoke_run), tasks))]
+    lf = paper_scores(phase_scores(RunManifest.read(lf_h1), tasks))
     main_rows = [r for r in result["main"]]
     assert [r["phase"]["index"] for r in main_rows] == [0, 1, 2]
     assert [r["ours"]["ea"] for r in main_rows] == pytest.approx([p.ea for p in none])
@@ -360,3 +361,4 @@ def test_cft_tables_on_real_smoke_runs(smoke_run: Path, tmp_path: Path, capsys) 
     assert row["vs_none"]["combined"] == pytest.approx(lf[-1].combined - none[-1].combined)
     assert "| dissimilar | LF_H1 |" in text and "(paper: n/a)" in text
     assert "ours: LoRA r=8 on an NF4 base (QLoRA); the paper: full fine-tuning" in text
+    assert "AlpacaEval judged by builtin:tiny-mistral (local); AlpacaEval 2.0's own judge is GPT-4 Turbo" in text

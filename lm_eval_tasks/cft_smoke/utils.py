@@ -36,3 +36,31 @@ def process_en_gen(doc: dict, results: list[str]) -> dict[str, float]:
 
 def process_ml_gen(doc: dict, results: list[str]) -> dict[str, float]:
     return {"langfid": language_fidelity(results[0], doc["language"]), "chrf": chrf(results[0], doc["reference"])}
+
+
+# AlpacaEval on the bundled English prompts: our answer against the bundled reference answer, judged
+# through the alpaca-eval package (cft_adapters/alpacaeval.py). The length-controlled GLM is the
+# package's `length_controlled_minimal`: these are not AlpacaEval's 805 instructions, so the
+# instruction difficulties the default GLM reads do not exist for them.
+def load_alpacaeval(**kwargs) -> datasets.DatasetDict:
+    rows = [{"index": i, "instruction": row["prompt"], "reference": row["reference"]}
+            for i, row in enumerate(read_jsonl(DATA / "en_gen.jsonl"))]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def process_alpacaeval(doc: dict, results: list[str]) -> dict[str, dict]:
+    item = {"index": doc["index"], "instruction": doc["instruction"], "output": results[0].strip(),
+            "reference": doc["reference"]}
+    return {"lc_win_rate": item, "win_rate": item}
+
+
+def lc_win_rate(items: list[dict]) -> float:
+    from cft_adapters import alpacaeval
+
+    return alpacaeval.score(items, glm="length_controlled_minimal")["lc_win_rate"]
+
+
+def win_rate(items: list[dict]) -> float:
+    from cft_adapters import alpacaeval
+
+    return alpacaeval.score(items, glm="length_controlled_minimal")["win_rate"]
