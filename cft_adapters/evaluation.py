@@ -54,6 +54,9 @@ def check_eval_tasks(eval_cfg: EvalConfig, source: str, console: Any = None) -> 
     problems = unclassified_tasks(eval_cfg.tasks)
     if problems:
         raise TaskSemanticsError([f"{source}: {p}" for p in problems])
+    problems = limit_problems_of(eval_cfg)
+    if problems:
+        raise RecipeError([f"{source}: {p}" for p in problems])
     from cft_adapters import alpacaeval
 
     if eval_cfg.judge is not None and alpacaeval.judged_tasks(list(eval_cfg.tasks)):
@@ -62,6 +65,17 @@ def check_eval_tasks(eval_cfg: EvalConfig, source: str, console: Any = None) -> 
     if skipped and console is not None:
         console.print(f"[yellow]{', '.join(skipped)} skipped: AlpacaEval needs a judge and {source} sets no "
                       f"eval.judge (a local model, or an OpenAI-compatible endpoint); EA is averaged without AlpacaEval[/]")
+
+
+def limit_problems_of(eval_cfg: EvalConfig) -> list[str]:
+    from cft_adapters.eval_cost import limit_problems
+    from cft_adapters.task_semantics import classify
+
+    if not eval_cfg.limits:
+        return []
+    paths: dict[str, tuple[str, ...]] = {}
+    classify(list(eval_cfg.tasks), paths=paths)
+    return limit_problems(eval_cfg.limits, paths)
 
 
 def skipped_tasks(eval_cfg: EvalConfig) -> list[str]:
@@ -144,6 +158,9 @@ def run_lm_eval(model: Any, tokenizer: Any, eval_cfg: EvalConfig) -> dict[str, A
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_cfg.batch_size)
     started = time.perf_counter()
     limit = eval_cfg.limit if eval_cfg.limit is None or eval_cfg.limit < 1 else int(eval_cfg.limit)
+    samples = None
+    if eval_cfg.limits:  # per-task limits: lm-eval takes them as the documents to score per leaf task
+        samples, limit = leaf_samples(scored_tasks(eval_cfg), eval_cfg), None
     try:
         with alpacaeval.judging(eval_cfg.judge):
             results = simple_evaluate(
@@ -152,6 +169,7 @@ def run_lm_eval(model: Any, tokenizer: Any, eval_cfg: EvalConfig) -> dict[str, A
                 task_manager=task_manager(),
                 num_fewshot=eval_cfg.num_fewshot,
                 limit=limit,
+                samples=samples,
                 apply_chat_template=eval_cfg.apply_chat_template,
                 log_samples=eval_cfg.log_samples,
                 bootstrap_iters=eval_cfg.bootstrap_iters,
@@ -164,6 +182,35 @@ def run_lm_eval(model: Any, tokenizer: Any, eval_cfg: EvalConfig) -> dict[str, A
         model.train(was_training)
     results["cft_eval_seconds"] = round(time.perf_counter() - started, 3)
     return results
+
+
+def leaf_samples(tasks: list[str], eval_cfg: EvalConfig) -> dict[str, list[int]]:
+    """{leaf task: the first n document indices} for lm-eval's `samples`: n is the leaf's limit in
+    `eval_cfg.limits` (eval_cost.limit_for), else `eval_cfg.limit`; leaves with neither are scored
+    whole (left out)."""
+    import math
+
+    from lm_eval.tasks import get_task_dict
+
+    from cft_adapters.eval_cost import limit_for
+
+    out: dict[str, list[int]] = {}
+
+    def visit(node: dict, above: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            name = getattr(key, "group_name", key)
+            if isinstance(value, dict):
+                visit(value, (name, *above))
+                continue
+            size = len(value.eval_docs)
+            n = limit_for((name, *above), eval_cfg.limits)
+            if n is None and eval_cfg.limit is not None:
+                n = math.ceil(size * eval_cfg.limit) if eval_cfg.limit < 1 else int(eval_cfg.limit)
+            if n is not None:
+                out[name] = list(range(min(n, size)))
+
+    visit(get_task_dict(tasks, task_manager()), ())
+    return out
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> Path:

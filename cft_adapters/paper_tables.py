@@ -66,6 +66,7 @@ class Run:
     model: str | None  # the paper's model key
     training: str
     limit: float | None
+    limits: dict[str, int]  # eval.limits: examples per task, by task name or pattern
     judge: str | None  # the AlpacaEval judge, when one scored it
     phases: list[report.PaperScores]
     roles: list[str | None]  # per phase: the paper's phase1 / phase2, or None
@@ -184,7 +185,7 @@ def read_run(run_dir: Path, given: str | None = None, hint: str | None = None, p
         path=run_dir, recipe_name=recipe_name, description=recipe.description, base_model=manifest.base_model,
         setting=setting, setting_from=setting_from, condition=recipe.condition,
         model=paper_model or paper_numbers().model_for(manifest.base_model), training=_training(recipe),
-        limit=limit, judge=_judge(own, recipe), phases=report.paper_scores(scores), roles=_roles(len(scores), recipe.mixed_baseline),
+        limit=limit, limits=(own or {}).get("limits", recipe.eval.limits) or {}, judge=_judge(own, recipe), phases=report.paper_scores(scores), roles=_roles(len(scores), recipe.mixed_baseline),
         coverage=report.paper_coverage(scores),
     )
 
@@ -248,6 +249,10 @@ def _run_notes(group: Group, notes: Notes, paper: PaperNumbers) -> list[int]:
     if run.limit is not None:
         how = f"{run.limit:.0%} of each task" if run.limit < 1 else f"at most {run.limit:g} examples per task"
         ids.append(notes.add(f"scored on {how} (eval.limit); the paper scores the full test sets"))
+    if run.limits:
+        listed = ", ".join(f"{k} {v}" for k, v in sorted(run.limits.items()))
+        ids.append(notes.add(f"scored on at most this many examples per task (eval.limits): {listed}; the paper "
+                             f"scores the full test sets"))
     ids += [notes.add(n) for n in run.coverage.notes()]
     if run.judge and "alpacaeval" in run.coverage.scored.get("EA", []):
         ids.append(notes.add(f"AlpacaEval judged by {run.judge}; AlpacaEval 2.0's own judge is GPT-4 Turbo"))
@@ -484,7 +489,7 @@ def build(runs: list[Run], paper: PaperNumbers | None = None) -> dict[str, Any]:
         "runs": [{"run_dir": str(r.path), "recipe": r.recipe_name, "description": r.description,
                   "base_model": r.base_model, "paper_model": r.model, "setting": r.setting,
                   "setting_from": r.setting_from, "condition": r.condition, "training": r.training,
-                  "eval_limit": r.limit} for r in runs],
+                  "eval_limit": r.limit, "eval_limits": r.limits} for r in runs],
     }
 
 

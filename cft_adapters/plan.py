@@ -8,12 +8,11 @@ from rich.table import Table
 
 from cft_adapters.data import check_data
 from cft_adapters.errors import DataError
-from cft_adapters.evaluation import unknown_tasks
-from cft_adapters.task_semantics import unclassified_tasks
+from cft_adapters import eval_cost
+from cft_adapters.evaluation import limit_problems_of, skipped_tasks, unknown_tasks
+from cft_adapters.task_semantics import classify, unclassified_tasks
 from cft_adapters.placement import check_placements, describe_for_dry_run, num_layers_from_config
 from cft_adapters.recipe import Recipe, TrainingConfig
-
-
 
 def _training_summary(t: TrainingConfig) -> str:
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.num_train_epochs:g} ep"
@@ -22,7 +21,8 @@ def _training_summary(t: TrainingConfig) -> str:
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float | None = None) -> None:
     check_placements(recipe, recipe_path)
-    problems = (unknown_tasks(recipe.eval.tasks) or unclassified_tasks(recipe.eval.tasks)) if recipe.eval.tasks else []
+    problems = (unknown_tasks(recipe.eval.tasks) or unclassified_tasks(recipe.eval.tasks)
+                or limit_problems_of(recipe.eval)) if recipe.eval.tasks else []
     try:
         sources = check_data(recipe, allow_unreachable_hub=True)
     except DataError as exc:
@@ -56,6 +56,8 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float |
         )
     console.print(table)
     console.print(f"[bold]eval[/] tasks: {', '.join(recipe.eval.tasks) or '(none)'}")
+    if recipe.eval.tasks:
+        _print_eval_cost(recipe, console)
     _print_memory_plan(recipe, console, gpu_mem)
     unchecked = [s for found in sources.values() for s in found if s.unchecked]
     for s in unchecked:
@@ -87,3 +89,44 @@ def _print_memory_plan(recipe: Recipe, console: Console, gpu_mem: float | None) 
     console.print(table)
     console.print(f"(plus ~{CUDA_CONTEXT_MIB} MiB of CUDA context; knobs: gradient_checkpointing, per_device_train_batch_size, "
                   f"max_length, use_liger_kernel)")
+
+
+def _print_eval_cost(recipe: Recipe, console: Console) -> None:
+    """Requests and tokens per scoring unit, and the time one checkpoint's scoring takes (eval_cost)."""
+    ev = recipe.eval
+    skipped = skipped_tasks(ev)
+    if skipped:
+        console.print(f"[yellow]{', '.join(skipped)} skipped[/]: AlpacaEval needs a judge and eval.judge is not set; "
+                      "EA is averaged without AlpacaEval")
+    paths: dict[str, tuple[str, ...]] = {}
+    units = list(classify([t for t in ev.tasks if t not in skipped], paths=paths))
+    cost = eval_cost.checkpoint_cost(units, ev.limit, ev.limits, paths, recipe.model.name_or_path)
+    table = Table(title="evaluation cost of one checkpoint", title_justify="left")
+    for col in ("task", "kind", "examples", "requests", "prompt tok", "gen tok typ/max", "time"):
+        table.add_column(col, justify="left" if col in ("task", "kind") else "right")
+    for u in cost.units:
+        examples = f"{u.docs:,}" + ("" if u.docs == u.full_docs else f" of {u.full_docs:,}")
+        generated = f"{u.gen_tokens:,} / {u.max_gen_tokens:,}" if u.kind == "generate" else "-"
+        table.add_row(u.unit, {"generate": "gen", "loglikelihood": "loglik"}[u.kind] + ("+judge" if u.judged else ""), examples, f"{u.requests:,}",
+                      f"{u.prompt_tokens:,}", generated, eval_cost.fmt_duration(cost.seconds(u)))
+    requests = sum(u.requests for u in cost.units)
+    table.add_row("total", "", f"{sum(u.docs for u in cost.units):,}", f"{requests:,}",
+                  f"{sum(u.prompt_tokens for u in cost.units):,}",
+                  f"{sum(u.gen_tokens for u in cost.units):,} / {sum(u.max_gen_tokens for u in cost.units):,}",
+                  eval_cost.fmt_duration(cost.total_seconds()), end_section=True)
+    console.print(table)
+    t = cost.throughput
+    if t is None:
+        console.print("[yellow]time unknown[/]: no throughput measured (run benchmarks/eval_throughput.py)")
+    else:
+        checkpoints = len(recipe.run_phases()) + 1
+        console.print(
+            f"[bold]eval time[/] per checkpoint ≈ {eval_cost.fmt_duration(cost.total_seconds())} (at most "
+            f"{eval_cost.fmt_duration(cost.total_seconds(typical=False))}); {checkpoints} checkpoints (phase 0 and "
+            f"each phase) ≈ {eval_cost.fmt_duration((cost.total_seconds() or 0) * checkpoints)}. Throughput: "
+            f"{t.prefill:,.0f} prompt tok/s, {t.decode:,.0f} generated tok/s at batch {t.batch_size}, {t.device}: "
+            f"{t.how}", highlight=False)
+    if any(u.judged for u in cost.units):
+        console.print("judging: one judge call per AlpacaEval example, not in the time above")
+    if cost.unknown:
+        console.print(f"[yellow]cost unknown[/] for {', '.join(cost.unknown)} (not in {eval_cost.COSTS_FILE.name})")

@@ -181,6 +181,12 @@ class EvalConfig(_Strict):
         "e.g. [cft_en, cft_ml] or [cft_smoke_en, cft_smoke_ml]. Empty: no evaluation.",
     )
     limit: float | None = Field(None, gt=0, description="Examples per task (an int), or a fraction below 1.")
+    limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="Examples per task, by task or group name (a group's limit applies to each of its tasks, as "
+        "lm-eval's limit does: {mmlu: 20} is 20 questions in each of the 57 subjects); names not listed take `limit`. "
+        "`cft-train --dry-run` prints what they cost.",
+    )
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None keeps each task's default.")
     apply_chat_template: bool = Field(

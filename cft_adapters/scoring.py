@@ -30,6 +30,8 @@ def eval_settings(eval_cfg: EvalConfig, precision: str) -> dict[str, Any]:
         limit = int(limit)  # a count of examples (below 1 it is a fraction)
     settings = {"limit": limit, "num_fewshot": eval_cfg.num_fewshot, "batch_size": eval_cfg.batch_size,
                 "apply_chat_template": eval_cfg.apply_chat_template, "base_precision": precision}
+    if eval_cfg.limits:  # only then, like the judge below
+        settings["limits"] = dict(sorted(eval_cfg.limits.items()))
     if eval_cfg.judge is not None:  # only then: settings recorded before judges existed still compare equal
         settings["judge"] = eval_cfg.judge.model_dump()
     return settings
@@ -39,7 +41,7 @@ def result_set_label(settings: dict[str, Any], run_settings: dict[str, Any]) -> 
     """A readable name for scores made under other settings than the run's own, from what differs:
     e.g. 'limit8-fp32' for --limit 8 --base-precision fp32."""
     short = {"limit": "limit{}", "num_fewshot": "{}shot", "batch_size": "bs{}", "base_precision": "{}",
-             "apply_chat_template": "chat{}"}
+             "apply_chat_template": "chat{}", "limits": "limits", "judge": "judge"}
     parts = [short.get(key, key + "{}").format(value) for key, value in settings.items() if run_settings.get(key) != value]
     label = "-".join(parts) or "rescored"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in label.lower())

@@ -174,7 +174,7 @@ def catalog(root: Path | None = None) -> Catalog:
 
 
 def classify(requested: list[str], groups: dict[str, list[str]] | None = None,
-             cat: Catalog | None = None) -> dict[str, Semantics]:
+             cat: Catalog | None = None, paths: dict[str, tuple[str, ...]] | None = None) -> dict[str, Semantics]:
     """The scoring units of `requested` with their semantics, in order. `groups` is what lm-eval
     scored (`eval_groups` in run.json: group -> members); a group missing there is expanded as its
     YAML lists it. `cat` defaults to the installed task folder's declarations. Raises
@@ -188,6 +188,8 @@ def classify(requested: list[str], groups: dict[str, list[str]] | None = None,
             raise TaskSemanticsError(f"{_where(name, path)}: {cat.problems[name]}")
         if name in cat.declared:
             units.setdefault(name, cat.declared[name])
+            if paths is not None:
+                paths.setdefault(name, path)  # the groups and tags above it, outermost first
         elif name in cat.groups:
             for member in groups.get(name, cat.groups[name]):
                 visit(member, (*path, name))

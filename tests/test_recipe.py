@@ -141,7 +141,7 @@ def test_successful_dry_run_prints_the_plan_and_loads_no_model(tmp_path, capsys,
     code, output = _run_cli(capsys, [str(SMOKE), f"output_dir={tmp_path / 'out'}", "--dry-run"])
     assert code == 0, output
     assert "phase plan" in output and "french_german" in output and "dry run OK" in output
-    assert "cft_smoke_en, cft_smoke_ml" in output
+    assert "cft_smoke_en, cft_smoke_alpacaeval, cft_smoke_ml" in output
     assert not (tmp_path / "out").exists()
 
 
@@ -292,7 +292,8 @@ def test_paper_recipe_dry_run_offline_prints_the_plan_and_names_hub_sources(caps
     assert "phase plan" in output and "most_changed" in output
     assert "not checked: phases[0].datasets[0]: cannot read Open-Orca/OpenOrca" in output
     assert "hub source(s) that need the network" in output
-    assert "cft_en, cft_ml" in output and "multilingual" in output
+    assert "cft_en, cft_alpacaeval, cft_ml" in output and "multilingual" in output
+    assert "evaluation cost of one checkpoint" in output and "cft_alpacaeval skipped" in output
 
 
 def test_yaml_merge_key_override_and_aliases_load(tmp_path) -> None:
