@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cft_adapters.errors import CftError
-from cft_adapters.recipe import EvalConfig, JudgeConfig, ModelConfig
+from cft_adapters.recipe import JudgeConfig
 
 # The AlpacaEval 2.0 annotator whose prompt and parser we use (see the module docstring).
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -44,6 +44,7 @@ PROMPT_TEMPLATE = "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
 JUDGE_TOKENS = ("m", "M")  # 'm': the first output (the reference) is better; 'M': the second (ours)
 GLMS = ("length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal")
 BENCHMARK = "alpacaeval"
+MIN_ITEMS = 5  # the package's GLM is fitted with 5-fold cross-validation over examples
 ENV_MODEL, ENV_ENDPOINT = "CFT_JUDGE_MODEL", "CFT_JUDGE_ENDPOINT"
 
 _active: list[JudgeConfig] = []  # the judge of the evaluation in progress (set by `judging`)
@@ -66,10 +67,9 @@ def judging(judge: JudgeConfig | None) -> Iterator[None]:
         _active.pop()
 
 
-def configured_judge(eval_cfg: EvalConfig | None = None) -> JudgeConfig | None:
-    """The recipe's judge, else the one named by the environment, else None."""
-    if eval_cfg is not None and eval_cfg.judge is not None:
-        return eval_cfg.judge
+def configured_judge() -> JudgeConfig | None:
+    """The judge of the evaluation in progress (`judging`), else the one the environment names (the
+    stock lm_eval CLI), else None."""
     if _active:
         return _active[-1]
     model = os.environ.get(ENV_MODEL)
@@ -153,6 +153,9 @@ def judge_items(items: list[dict[str, Any]], glm: str, instruction_difficulty: s
                          f"OpenAI-compatible endpoint), or {ENV_MODEL} (and {ENV_ENDPOINT}) for the lm_eval CLI")
     if glm not in GLMS:
         raise JudgeError(f"unknown length-controlled GLM '{glm}' (known: {', '.join(GLMS)})")
+    if len(items) < MIN_ITEMS:
+        raise JudgeError(f"AlpacaEval's length-controlled win rate is fitted with {MIN_ITEMS}-fold cross-validation and "
+                         f"needs at least {MIN_ITEMS} examples; got {len(items)} (raise eval.limit / eval.limits)")
     import pandas as pd
 
     with warnings.catch_warnings():
@@ -264,15 +267,10 @@ def _quiet() -> Iterator[None]:
 def _load_judge(name: str, quantization: str, trust_remote_code: bool) -> tuple[Any, Any]:
     from cft_adapters import modeling
 
-    cfg = ModelConfig(name_or_path=name, quantization=quantization, trust_remote_code=trust_remote_code)
     try:
-        path = modeling.resolve_model_path(cfg)
-        tokenizer = modeling.load_tokenizer(cfg, path)
-        model = modeling.load_base_model(cfg, path)
+        return modeling.load_inference_model(name, quantization, trust_remote_code, where="eval.judge.model")
     except CftError as exc:
-        raise JudgeError(f"eval.judge.model: {exc}") from None
-    model.eval()
-    return model, tokenizer
+        raise JudgeError(str(exc)) from None
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:

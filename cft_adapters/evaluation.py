@@ -61,10 +61,9 @@ def check_eval_tasks(eval_cfg: EvalConfig, source: str, console: Any = None) -> 
 
     if eval_cfg.judge is not None and alpacaeval.judged_tasks(list(eval_cfg.tasks)):
         alpacaeval.check_judge(eval_cfg.judge, source)
-    skipped = skipped_tasks(eval_cfg)
-    if skipped and console is not None:
-        console.print(f"[yellow]{', '.join(skipped)} skipped: AlpacaEval needs a judge and {source} sets no "
-                      f"eval.judge (a local model, or an OpenAI-compatible endpoint); EA is averaged without AlpacaEval[/]")
+    if console is not None:
+        for task, why in skipped_tasks(eval_cfg).items():
+            console.print(f"[yellow]{task} skipped: {why}; EA is averaged without AlpacaEval[/]")
 
 
 def limit_problems_of(eval_cfg: EvalConfig) -> list[str]:
@@ -78,16 +77,32 @@ def limit_problems_of(eval_cfg: EvalConfig) -> list[str]:
     return limit_problems(eval_cfg.limits, paths)
 
 
-def skipped_tasks(eval_cfg: EvalConfig) -> list[str]:
-    """The requested AlpacaEval members that cannot be judged: no judge is configured."""
+def skipped_tasks(eval_cfg: EvalConfig) -> dict[str, str]:
+    """The requested AlpacaEval members that cannot be judged, with why: no judge is configured, or
+    a limit leaves fewer examples than the length-controlled win rate's fit needs."""
     from cft_adapters import alpacaeval
+    from cft_adapters.eval_cost import limit_for
 
-    return [] if alpacaeval.configured_judge(eval_cfg) else alpacaeval.judged_tasks(list(eval_cfg.tasks))
+    judged = alpacaeval.judged_tasks(list(eval_cfg.tasks))
+    if not judged:
+        return {}
+    if eval_cfg.judge is None:  # a recipe's judge only: CFT_JUDGE_MODEL is for the stock lm_eval CLI
+        why = "AlpacaEval needs a judge and eval.judge is not set (a local model, or an OpenAI-compatible endpoint)"
+        return dict.fromkeys(judged, why)
+    out = {}
+    for task in judged:
+        n = limit_for((task,), eval_cfg.limits)
+        if n is None and eval_cfg.limit is not None and eval_cfg.limit >= 1:
+            n = int(eval_cfg.limit)
+        if n is not None and n < alpacaeval.MIN_ITEMS:
+            out[task] = (f"a limit of {n} examples is below the {alpacaeval.MIN_ITEMS} the length-controlled win rate's "
+                         f"cross-validated fit needs")
+    return out
 
 
 def scored_tasks(eval_cfg: EvalConfig) -> list[str]:
     """The tasks lm-eval runs: the requested ones less those `skipped_tasks` names."""
-    skipped = set(skipped_tasks(eval_cfg))
+    skipped = skipped_tasks(eval_cfg)
     return [name for name in eval_cfg.tasks if name not in skipped]
 
 

@@ -348,3 +348,17 @@ def adapter_file_digest(adapter_dir: Path) -> str:
     from safetensors.torch import load_file
 
     return tensors_digest(load_file(str(adapter_dir / "adapter_model.safetensors")))
+
+
+def load_inference_model(name: str, quantization: str = "none", trust_remote_code: bool = False,
+                         where: str = "model") -> tuple[Any, Any]:
+    """A second model for inference only (AlpacaEval's judge, a replay translator): resolved and
+    loaded like the base (safetensors only; remote code only when asked), frozen, in eval mode."""
+    cfg = ModelConfig(name_or_path=name, quantization=quantization, trust_remote_code=trust_remote_code)
+    try:
+        path = resolve_model_path(cfg)
+        tokenizer = load_tokenizer(cfg, path)
+        model = load_base_model(cfg, path)
+    except CftError as exc:
+        raise CftError(f"{where}: {exc}") from None
+    return model.eval(), tokenizer

@@ -19,7 +19,7 @@ from cft_adapters import distributed, modeling, report
 from cft_adapters.callbacks import NonFiniteLossError
 from cft_adapters.data import check_data
 from cft_adapters.errors import CftError, RunError
-from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, training_precision
+from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, scored_tasks, training_precision
 from cft_adapters.hf_configs import check_liger
 from cft_adapters.manifest import RESOLVED_RECIPE, PhaseRecord, RunManifest, package_versions, summary_table
 from cft_adapters.placement import Placement, PlacementInputs, adapter_change_scores, check_placements, choose_placement, spectrum_scan
@@ -215,7 +215,7 @@ class PhaseRunner:
                 record.eval_status = "skipped"
                 self.manifest.write(self.run_dir)
             return
-        if record.eval_status == "done" and set(self.recipe.eval.tasks) <= set(record.eval_tasks):
+        if record.eval_status == "done" and set(scored_tasks(self.recipe.eval)) <= set(record.eval_tasks):
             return
         adapter_dir = verify_adapter(self.run_dir, record) if k > 0 else None
         precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
@@ -227,7 +227,7 @@ class PhaseRunner:
             self.console.print(f"phase 0 '{record.name}': scores from the cache ({cache.dir})")  # type: ignore[union-attr]
             scorer = cached
         else:
-            self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(self.recipe.eval.tasks)}")
+            self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(scored_tasks(self.recipe.eval))}")
             scorer = self._scorer(adapter_dir)
             if cache is not None:
                 scorer = StoringScorer(scorer, cache, self.console)
@@ -320,4 +320,5 @@ class PhaseRunner:
             seed=self.recipe.phase_training(k - 1).seed, model=self.model.peft, tokenizer=self.model.tokenizer,
             source_model=init_adapter or "base (fresh adapter)",
             earlier_sources=[src for p in self.phases[: k - 1] for src in p.datasets], console=self.console, key=key,
+            phase_sources=list(self.phases[k - 1].datasets),
         )

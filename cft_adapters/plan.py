@@ -52,7 +52,8 @@ def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float |
             ", ".join(sorted({lang for s in summaries for lang in s.languages})) or "-",
             _training_summary(training),
             describe_for_dry_run(phase.placement, num_layers, training.seed) if phase.placement else "none",
-            f"{phase.replay.kind} {phase.replay.ratio:g}" if phase.replay else "none",
+            (f"{phase.replay.kind} {phase.replay.ratio:g}" + (f" on English versions of this phase's prompts "
+             f"(translated by {phase.replay.translate.model})" if phase.replay.translate else "")) if phase.replay else "none",
         )
     console.print(table)
     console.print(f"[bold]eval[/] tasks: {', '.join(recipe.eval.tasks) or '(none)'}")
@@ -95,9 +96,8 @@ def _print_eval_cost(recipe: Recipe, console: Console) -> None:
     """Requests and tokens per scoring unit, and the time one checkpoint's scoring takes (eval_cost)."""
     ev = recipe.eval
     skipped = skipped_tasks(ev)
-    if skipped:
-        console.print(f"[yellow]{', '.join(skipped)} skipped[/]: AlpacaEval needs a judge and eval.judge is not set; "
-                      "EA is averaged without AlpacaEval")
+    for task, why in skipped.items():
+        console.print(f"[yellow]{task} skipped[/]: {why}; EA is averaged without AlpacaEval")
     paths: dict[str, tuple[str, ...]] = {}
     units = list(classify([t for t in ev.tasks if t not in skipped], paths=paths))
     cost = eval_cost.checkpoint_cost(units, ev.limit, ev.limits, paths, recipe.model.name_or_path)

@@ -392,12 +392,41 @@ class PlacementConfig(_Strict):
         return data
 
 
+class TranslateConfig(_Strict):
+    model: str = Field(
+        "self",
+        description="Who translates: 'self', the previous phase's model in memory (the one that then answers), or a "
+        "causal instruction model named like model.name_or_path (a directory, hub id or 'builtin:'), e.g. an MT LLM "
+        "such as Unbabel/TowerInstruct-7B-v0.2, loaded once for the pool.",
+    )
+    prompt: str = Field(
+        "Translate the following {language} text into English. Reply with the English translation only.\n\n{text}",
+        description="The translation request; {language} is the row's language name, {text} the instruction.",
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Translation length cap.")
+    batch_size: int = Field(16, ge=1, description="Instructions per generate() call.")
+    trust_remote_code: bool = Field(False, description="Run a named translator's repository code.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        if "{text}" not in value:
+            raise ValueError("must contain {text}, where the instruction goes")
+        return value
+
+
 class ReplayConfig(_Strict):
     kind: Literal["generative", "real"] = Field(
         description="'generative': the previous phase's model answers English prompts. 'real': real English examples."
     )
     ratio: float = Field(gt=0, lt=1, description="Share of this phase's training examples that are replay.")
     prompts: DatasetSource | None = Field(None, description="generative: English prompts to answer.")
+    translate: TranslateConfig | None = Field(
+        None,
+        description="generative, instead of `prompts`: the paper's English versions of this phase's own instructions. "
+        "A sample of the phase's examples is translated to English (rows already in English are kept), the previous "
+        "phase's model answers the translations, and replay.jsonl records each one's original and language.",
+    )
     source: DatasetSource | None = Field(None, description="real: English examples (default: earlier phases' data).")
     max_new_tokens: int = Field(256, ge=1, description="generative: answer length cap.")
     min_new_tokens: int = Field(0, ge=0, description="generative: generate at least this many tokens before the end token is allowed.")
@@ -412,8 +441,11 @@ class ReplayConfig(_Strict):
 
     @model_validator(mode="after")
     def _kind_needs(self) -> ReplayConfig:
-        if self.kind == "generative" and self.prompts is None:
-            raise ValueError("kind 'generative' needs 'prompts' (English prompts for the previous phase's model to answer)")
+        if self.kind == "generative" and (self.prompts is None) == (self.translate is None):
+            raise ValueError("kind 'generative' needs exactly one of 'prompts' (English prompts for the previous phase's "
+                             "model to answer) or 'translate' (English versions of this phase's own instructions)")
+        if self.kind == "real" and self.translate is not None:
+            raise ValueError("'translate' is for kind 'generative'")
         if self.kind == "generative" and self.source is not None:
             raise ValueError("'source' is for kind 'real'; generative replay reads 'prompts'")
         if self.kind == "real" and self.prompts is not None:

@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,7 @@ def generate_answers(
 def build_pool(
     cfg: ReplayConfig, *, where: str, phase_dir: Path, phase_examples: int, seed: int, model: Any, tokenizer: Any,
     source_model: str, earlier_sources: list[DatasetSource], console: Any, key: dict[str, Any],
+    phase_sources: list[DatasetSource] | None = None,
 ) -> ReplayPool:
     """The phase's replay pool: read back from replay.jsonl when it was built under the same `key`
     (the phase's settings and the digest of the adapter that answers), else built anew. A pool from
@@ -243,7 +244,8 @@ def build_pool(
                 move_aside(stale, "stale")
         console.print(f"{where}: the replay pool in {phase_dir} was built under other settings; moved aside "
                       f"({REPLAY_FILE}.stale-*), building a new one")
-    inputs = PoolInputs(cfg, where, phase_examples, seed, model, tokenizer, source_model, earlier_sources, console)
+    inputs = PoolInputs(cfg, where, phase_examples, seed, model, tokenizer, source_model, earlier_sources, console,
+                        list(phase_sources or []))
     pool = KINDS[cfg.kind].build(inputs)
     write_jsonl(path, pool.rows)
     write_atomic(meta_path, json.dumps({"kind": pool.kind, "key": key, "generation": pool.generation}, indent=2) + "\n")
@@ -271,6 +273,7 @@ class PoolInputs:
     source_model: str
     earlier_sources: list[DatasetSource]  # the earlier phases' data (real replay without a source)
     console: Any
+    phase_sources: list[DatasetSource] = field(default_factory=list)  # this phase's data (generative + translate)
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,8 @@ class ReplayKind:
 
 
 def _build_generative(x: PoolInputs) -> ReplayPool:
+    if x.cfg.translate is not None:
+        return _translated_pool(x)
     return _generative_pool(x.cfg, x.where, x.phase_examples, x.seed, x.model, x.tokenizer, x.source_model, x.console)
 
 
@@ -297,10 +302,12 @@ KINDS: dict[str, ReplayKind] = {
 
 def _generative_pool(
     cfg: ReplayConfig, where: str, phase_examples: int, seed: int, model: Any, tokenizer: Any, source_model: str, console: Any,
+    prompts: list[dict[str, Any]] | None = None,
 ) -> ReplayPool:
-    assert cfg.prompts is not None
-    prompts = load_prompts(cfg.prompts, f"{where}.prompts", seed)
-    prompts = prompts[: pool_size(cfg, phase_examples, len(prompts))]
+    if prompts is None:
+        assert cfg.prompts is not None
+        prompts = load_prompts(cfg.prompts, f"{where}.prompts", seed)
+        prompts = prompts[: pool_size(cfg, phase_examples, len(prompts))]
     console.print(f"{where}: generating {len(prompts)} replay answers with {source_model}")
     if cfg.do_sample:  # the same pool whether or not the process trained the earlier phases first
         from transformers import set_seed
@@ -311,7 +318,8 @@ def _generative_pool(
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample,
         temperature=cfg.temperature, top_p=cfg.top_p,
     )
-    rows = [{"prompt": p["prompt"], "answer": a, "source_model": source_model, "language": p["language"]}
+    rows = [{"prompt": p["prompt"], "answer": a, "source_model": source_model, "language": p["language"],
+             **({"translated_from": p["translated_from"]} if "translated_from" in p else {})}
             for p, a in zip(prompts, answers) if a]
     empty = len(prompts) - len(rows)
     stats["empty_dropped"] = empty
@@ -336,3 +344,73 @@ def _real_pool(cfg: ReplayConfig, where: str, phase_examples: int, seed: int, ea
     rows = [{"prompt": r["prompt"], "answer": r["completion"][0]["content"], "source": "real", "language": r["language"]}
             for r in parts]
     return ReplayPool("real", rows)
+
+
+# Names for the translation request ({language}); a code without a name is used as it is.
+LANGUAGE_NAMES = {"ar": "Arabic", "de": "German", "el": "Greek", "es": "Spanish", "fr": "French", "hi": "Hindi",
+                  "id": "Indonesian", "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch",
+                  "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "th": "Thai", "tr": "Turkish",
+                  "vi": "Vietnamese", "zh": "Chinese"}
+
+
+def _user_text(prompt: list[dict[str, str]]) -> str:
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _translated_pool(x: PoolInputs) -> ReplayPool:
+    """The paper's GR prompts: a seeded sample of this phase's own instructions, translated to English
+    (rows already in English kept as they are), answered by the previous phase's model. Each row
+    keeps its original (`translated_from`: language, instruction, source), so the pairing is on disk.
+    The original's system prompt, if any, is not carried over: the English version is the instruction."""
+    t = x.cfg.translate
+    assert t is not None
+    if not x.phase_sources:
+        raise CftError(f"{x.where}.translate: the phase has no data to translate")
+    rows: list[dict[str, Any]] = []
+    for j, src in enumerate(x.phase_sources):
+        for r in load_source(src, f"{x.where}.translate (the phase's datasets[{j}])", x.seed):
+            rows.append({"text": _user_text(r["prompt"]), "language": r["language"], "source": src.describe()})
+    random.Random(x.seed).shuffle(rows)
+    rows = [r for r in rows if r["text"].strip()][: pool_size(x.cfg, x.phase_examples, len(rows))]
+    foreign = [r for r in rows if r["language"] != "en"]
+    translator, tokenizer, who = x.model, x.tokenizer, x.source_model
+    loaded = t.model != "self"
+    if loaded:
+        from cft_adapters.modeling import load_inference_model
+
+        translator, tokenizer = load_inference_model(t.model, trust_remote_code=t.trust_remote_code,
+                                                     where=f"{x.where}.translate.model")
+        who = t.model
+    x.console.print(f"{x.where}: translating {len(foreign)} of the phase's instructions to English with {who}")
+    requests = [[{"role": "user", "content": t.prompt.replace("{language}", LANGUAGE_NAMES.get(r["language"], r["language"]))
+                  .replace("{text}", r["text"])}] for r in foreign]
+    try:
+        english, stats = generate_answers(translator, tokenizer, requests, batch_size=t.batch_size,
+                                          max_new_tokens=t.max_new_tokens) if requests else ([], {})
+    finally:
+        if loaded:
+            del translator
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    for r, text in zip(foreign, english):
+        r["english"] = text
+    prompts, dropped = [], 0
+    for r in rows:
+        text = r["text"] if r["language"] == "en" else r.get("english", "")
+        if not text:
+            dropped += 1
+            continue
+        origin = {"language": r["language"], "instruction": r["text"], "source": r["source"],
+                  "translator": None if r["language"] == "en" else who}
+        prompts.append({"prompt": [{"role": "user", "content": text}], "language": "en", "translated_from": origin})
+    if dropped * 2 > len(rows):
+        raise CftError(f"{x.where}.translate: {dropped} of {len(rows)} translations came back empty; {who} does not "
+                       f"translate with this prompt (check translate.prompt and translate.max_new_tokens)")
+    if dropped:
+        x.console.print(f"[yellow]{x.where}: {dropped} of {len(rows)} translations were empty and were dropped[/]")
+    pool = _generative_pool(x.cfg, x.where, x.phase_examples, x.seed, x.model, x.tokenizer, x.source_model, x.console,
+                            prompts=prompts)
+    pool.generation = {**(pool.generation or {}), "translation": {"translator": who, "translated": len(foreign),
+                                                                  "kept_english": len(rows) - len(foreign),
+                                                                  "empty_dropped": dropped, **stats}}
+    return pool

@@ -8,10 +8,13 @@ ordinary run directory, `<output_dir>/cells/<condition>/seed_<s>/`, written by t
   reproduce exactly (same `config_digest`: model, adapter, phases 1..k, seed) are copied into it,
   with their evaluation, instead of being retrained. Phase 0 (the base's scores) is shared by
   every cell with the same model and evaluation. A copied record names its origin in `shared_from`.
-- **Token-matched budgets.** With `match_tokens` (the default), a phase whose conditions would see
-  different numbers of tokens (data x epochs, counted with the model's tokenizer and chat template)
-  gets `training.token_budget` = the smallest of them, in every condition. Phases whose counts are
-  already equal are left alone, so a shared phase 1 stays shareable.
+- **Token-matched budgets.** With `match_tokens` (the default), phases are matched by name across
+  conditions; a phase whose conditions would see different numbers of tokens (data x epochs, counted
+  with each condition's own tokenizer and chat template) gets `training.token_budget` = the smallest
+  of them, in every condition. Phases whose counts are already equal are left alone, so a shared
+  phase 1 stays shareable. A mixed baseline gets the total of the multi-phase runs.
+- **Base models.** Conditions may start from different base models (e.g. both of the paper's);
+  each is compared with the others on the same evaluation.
 - **Statistics.** EA / MA per condition and phase (see `report.py`) over seeds: mean, standard
   deviation and a 95% interval (`analysis.stats.summarize`: t for n < 20, BCa bootstrap from 20; none
   for n = 1, said so). Δ vs the reference condition is paired by seed (`paired_comparison`).
@@ -61,36 +64,84 @@ def phase_tokens(recipe: Recipe, tokenizer: Any) -> list[int]:
     return out
 
 
-def token_budgets(cells: list[Cell], console: Console) -> tuple[dict[int, dict[int, int]], dict[str, Any]]:
-    """seed -> {phase index: budget} for the phases whose conditions differ in tokens."""
+def token_budgets(cells: list[Cell], console: Console) -> tuple[dict[int, dict[str, dict[str, int]]], dict[str, Any]]:
+    """seed -> {condition: {phase name: budget}}, for the phases that need one. Conditions are
+    matched with the others on the same base model (a token is its tokenizer's), phases by name (the
+    Instruct pair's one 'multilingual' phase with the similar pair's second): a phase whose
+    conditions would see different token counts is cut to the smallest. A mixed baseline's one phase
+    ('mixed') gets the total of the multi-phase runs on its base (the smallest such total), so it
+    trains on as many tokens as they do."""
     from cft_adapters import modeling
 
-    counts = {len(c.recipe.run_phases()) for c in cells}
-    if len(counts) > 1:
-        raise CftError("match_tokens: the conditions have different numbers of phases (a mixed baseline?); token "
-                       "matching goes phase by phase. Set match_tokens: false and give training.token_budget "
-                       "overrides instead.")
-    model = cells[0].recipe.model
-    tokenizer = modeling.load_tokenizer(model, modeling.resolve_model_path(model))
-    budgets: dict[int, dict[int, int]] = {}
+    tokenizers: dict[str, Any] = {}
+
+    def tokenizer_of(cell: Cell) -> Any:
+        key = cell.recipe.model.model_dump_json()
+        if key not in tokenizers:
+            model = cell.recipe.model
+            tokenizers[key] = modeling.load_tokenizer(model, modeling.resolve_model_path(model))
+        return tokenizers[key]
+
+    budgets: dict[int, dict[str, dict[str, int]]] = {}
     natural: dict[str, Any] = {}
     for seed in sorted({c.seed for c in cells}):
-        per_cond = {c.condition: phase_tokens(c.recipe, tokenizer) for c in cells if c.seed == seed}
+        seed_cells = [c for c in cells if c.seed == seed]
+        per_cond = {c.condition: dict(zip([p.name for p in c.recipe.run_phases()], phase_tokens(c.recipe, tokenizer_of(c))))
+                    for c in seed_cells}
         natural[str(seed)] = per_cond
-        for k in range(next(iter(counts))):
-            values = {v[k] for v in per_cond.values()}
-            if len(values) > 1:
-                budgets.setdefault(seed, {})[k] = min(values)
-    for seed, phases in budgets.items():
-        for k, budget in phases.items():
-            console.print(f"seed {seed}: phase {k + 1} token budget {budget} (smallest of "
-                          f"{', '.join(f'{c} {v[k]}' for c, v in natural[str(seed)].items())})")
+        for model in dict.fromkeys(c.recipe.model.model_dump_json() for c in seed_cells):
+            group = [c for c in seed_cells if c.recipe.model.model_dump_json() == model]
+            _match(group, per_cond, budgets.setdefault(seed, {}), seed, console)
+        if not budgets[seed]:
+            del budgets[seed]
+    for seed, conds in budgets.items():
+        for cond, phases in conds.items():
+            for name, budget in phases.items():
+                how = "the phased runs' total" if name == "mixed" else "the smallest on this base"
+                console.print(f"seed {seed}: {cond} phase '{name}' token budget {budget} ({how}; untrimmed "
+                              f"{natural[str(seed)][cond][name]})")
     return budgets, natural
+
+
+def _match(group: list[Cell], per_cond: dict[str, dict[str, int]], out: dict[str, dict[str, int]], seed: int,
+           console: Console) -> None:
+    """Budgets for the conditions of one base model (see token_budgets), into `out`."""
+    mixed = [c.condition for c in group if c.recipe.mixed_baseline]
+    phased = {c.condition: per_cond[c.condition] for c in group if not c.recipe.mixed_baseline}
+    matched: dict[str, int] = {}
+    for name in dict.fromkeys(n for phases in phased.values() for n in phases):
+        values = {phases[name] for phases in phased.values() if name in phases}
+        if len(values) > 1:
+            matched[name] = min(values)
+    for cond, phases in phased.items():
+        own = {name: b for name, b in matched.items() if phases.get(name, 0) > b}  # the smallest is left alone
+        if own:
+            out[cond] = own
+    if not mixed:
+        return
+    totals = [sum(matched.get(n, t) for n, t in phases.items()) for phases in phased.values() if len(phases) > 1]
+    if not totals:
+        raise CftError(f"match_tokens: the mixed baseline ({', '.join(mixed)}) is matched to the multi-phase runs on its "
+                       "base model, and this study has none; set match_tokens: false and give training.token_budget")
+    target = min(totals)
+    for cond in mixed:
+        have = per_cond[cond]["mixed"]
+        if have < target:
+            console.print(f"[yellow]seed {seed}: {cond} has {have} tokens, fewer than the phased runs' {target}; it "
+                          f"trains on all of them (not token-matched)[/]")
+        out[cond] = {"mixed": min(have, target)}
 
 
 # ---------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------
+
+
+def _read_budgets(saved: dict[str, Any]) -> dict[int, dict[str, dict[str, int]]]:
+    """cells.json's token_budgets. Before budgets were per condition they were {phase index: budget}
+    for every condition: those read as budgets for no condition, so such cells count as stale."""
+    return {int(s): {c: {n: int(b) for n, b in ph.items()} for c, ph in conds.items() if isinstance(ph, dict)}
+            for s, conds in saved.items()}
 
 
 def run_study(study_path: str | Path, console: Console, report_only: bool = False) -> bool:
@@ -110,16 +161,16 @@ def _run_study(study: Study, study_path: Path, console: Console, report_only: bo
     out = Path(study.output_dir)
     state_file = out / "cells.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    budgets: dict[int, dict[int, int]] = {}
+    budgets: dict[int, dict[str, dict[str, int]]] = {}
     natural: dict[str, Any] = state.get("natural_tokens", {})
     if study.match_tokens:
         if report_only:
             saved = state.get("token_budgets", {})
-            budgets = {int(s): {int(k): int(b) for k, b in ph.items()} for s, ph in saved.items()}
+            budgets = _read_budgets(saved)
         else:  # recomputed every time (seconds): a changed study gets new budgets, never stale ones
             budgets, natural = token_budgets(cells, console)
         cells = load_cells(study, study_path, budgets)
-    state.update(token_budgets={str(s): {str(k): b for k, b in ph.items()} for s, ph in budgets.items()},
+    state.update(token_budgets={str(s): dict(ph) for s, ph in budgets.items()},
                  natural_tokens=natural)
     state.setdefault("cells", {})
     ok = True
@@ -190,7 +241,7 @@ def dry_run(study_path: str | Path, console: Console) -> None:
     state_file = Path(study.output_dir) / "cells.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     saved = state.get("token_budgets", {}) if study.match_tokens else {}
-    cells = load_cells(study, study_path, {int(s): {int(k): int(b) for k, b in ph.items()} for s, ph in saved.items()})
+    cells = load_cells(study, study_path, _read_budgets(saved))
     table = Table(title=f"study {study_path}: {len(study.conditions)} condition(s) x {len(study.seed_list)} seed(s)")
     for col in ("cell", "recipe", "phases", "would reuse", "status"):
         table.add_column(col, overflow="fold")

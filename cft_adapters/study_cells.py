@@ -33,17 +33,33 @@ def _cell_dir(study: Study, condition: str, seed: int) -> Path:
     return Path(study.output_dir) / "cells" / condition / f"seed_{seed}"
 
 
-def load_cells(study: Study, study_path: Path, budgets: dict[int, dict[int, int]] | None = None) -> list[Cell]:
+def _budget_overrides(recipe: Recipe, budgets: dict[str, int]) -> list[str]:
+    """The overrides that give each of the recipe's phases its budget, by phase name ('mixed': the
+    mixed baseline's one phase)."""
+    if recipe.mixed_baseline:
+        return [f"training.token_budget={budgets['mixed']}"] if "mixed" in budgets else []
+    out = []
+    for k, phase in enumerate(recipe.phases):
+        budget = budgets.get(phase.name)
+        if budget is not None:
+            out.append(f"phases[{k}].training.token_budget={budget}")
+    return out
+
+
+def load_cells(study: Study, study_path: Path, budgets: dict[int, dict[str, dict[str, int]]] | None = None) -> list[Cell]:
     """Every (seed, condition) recipe, seeds outermost (so a seed's shared phase 1 is trained once,
-    by its first condition). `budgets`: seed -> {phase index: token budget}."""
+    by its first condition). `budgets`: seed -> {condition: {phase name: token budget}}."""
     cells, problems = [], []
     for seed in study.seed_list:
         for i, cond in enumerate(study.conditions):
             recipe_path = (study_path.parent / cond.recipe)
             extra = [f"training.seed={seed}", f"output_dir={_cell_dir(study, cond.name, seed)}"]
-            extra += [f"phases[{k}].training.token_budget={b}" for k, b in sorted((budgets or {}).get(seed, {}).items())]
             try:
                 recipe = load_recipe(recipe_path, [*study.overrides, *cond.overrides, *extra])
+                wanted = (budgets or {}).get(seed, {}).get(cond.name, {})
+                if wanted:
+                    recipe = load_recipe(recipe_path, [*study.overrides, *cond.overrides, *extra,
+                                                       *_budget_overrides(recipe, wanted)])
             except CftError as exc:
                 problems += [f"{study_path}: conditions[{i}] ({cond.name}): {p}" for p in exc.problems]
                 continue
@@ -60,9 +76,6 @@ def _check_comparable(cells: list[Cell], study_path: Path) -> None:
     first = cells[0]
     problems = []
     for cell in cells:
-        if cell.recipe.model != first.recipe.model:
-            problems.append(f"{study_path}: conditions '{cell.condition}' and '{first.condition}' use different models; "
-                            "a study compares conditions on one base model")
         if cell.recipe.eval != first.recipe.eval:
             problems.append(f"{study_path}: conditions '{cell.condition}' and '{first.condition}' evaluate differently "
                             "(eval.*); the scores would not be comparable")
@@ -111,7 +124,9 @@ def cell_finished(cell: Cell, state: dict[str, Any]) -> bool:
         manifest = RunManifest.read(cell.run_dir)
     except ValueError:
         return False
-    wanted = set(cell.recipe.eval.tasks)
+    from cft_adapters.evaluation import scored_tasks
+
+    wanted = set(scored_tasks(cell.recipe.eval))  # an AlpacaEval member without a judge is never scored
     return len(manifest.phases) == len(cell.recipe.run_phases()) + 1 and all(
         r.status == "done" and r.eval_status == "done" and wanted <= set(r.eval_tasks) for r in manifest.phases
     )

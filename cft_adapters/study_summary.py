@@ -207,11 +207,12 @@ def study_markdown(result: dict[str, Any]) -> str:
     budgets = result["token_budgets"]
     lines += ["", "## Token budgets", ""]
     if budgets:
-        for seed, phases in budgets.items():
-            for k, b in phases.items():
-                nat = result["natural_tokens"].get(seed, {})
-                lines.append(f"- seed {seed}, phase {int(k) + 1}: {b} tokens for every condition "
-                             f"(untrimmed: {', '.join(f'{c} {v[int(k)]}' for c, v in nat.items())})")
+        for seed, conds in budgets.items():
+            for cond, phases in conds.items():
+                for name, b in phases.items():
+                    untrimmed = result["natural_tokens"].get(seed, {}).get(cond, {}).get(name, "?")
+                    how = " (the phased runs' total)" if name == "mixed" else ""
+                    lines.append(f"- seed {seed}, {cond}, phase '{name}': {b} tokens{how}; untrimmed {untrimmed}")
     else:
         lines.append("- none needed (or match_tokens is off): the conditions' phases see the same tokens as configured.")
     lines += ["", "## Cells", "", "| condition | seed | status | phase tokens | shared | wall s | compute s |", "|---|---:|---|---|---|---:|---:|"]

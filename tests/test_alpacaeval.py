@@ -84,10 +84,16 @@ def test_without_a_judge_the_member_is_skipped_with_a_message(monkeypatch) -> No
     console = Console(record=True, width=200)
     check_eval_tasks(cfg, "smoke.yaml", console)
     text = console.export_text()
-    assert "cft_smoke_alpacaeval skipped" in text and "EA is averaged without AlpacaEval" in text
+    assert "cft_smoke_alpacaeval skipped: AlpacaEval needs a judge" in text and "EA is averaged without AlpacaEval" in text
     assert scored_tasks(cfg) == ["cft_smoke_en", "cft_smoke_ml"]
     judged = cfg.model_copy(update={"judge": JUDGE})
     assert scored_tasks(judged) == cfg.tasks
+    # a limit below what the LC fit needs (5-fold cross-validation) skips it too, with its reason
+    few = judged.model_copy(update={"limit": 4})
+    assert scored_tasks(few) == ["cft_smoke_en", "cft_smoke_ml"]
+    check_eval_tasks(few, "smoke.yaml", console)
+    assert "a limit of 4 examples is below the 5" in console.export_text()
+    assert scored_tasks(few.model_copy(update={"limits": {"cft_smoke_alpacaeval": 8}})) == cfg.tasks
     with pytest.raises(alpacaeval.JudgeError, match="needs a judge"):
         alpacaeval.score(_items(6), glm="length_controlled_minimal")
 

@@ -12,7 +12,7 @@ from cft_adapters.recipe import Recipe, deep_merge, load_recipe, parse_override
 from conftest import REPO, SMOKE
 
 # recipes/accelerate/ holds launcher configs, not recipes; the mini-study's recipes live with it.
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts) + sorted(
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not {"accelerate", "studies"} & set(p.parts)) + sorted(
     (REPO / "benchmarks" / "mini_study").glob("*similar.yaml")
 )
 
@@ -104,7 +104,7 @@ def test_slot_rules_for_placement_and_replay(tmp_path) -> None:
         load_recipe(path, ["phases[0].placement={strategy: explicit}", "phases[0].replay={kind: generative, ratio: 0.05}"])
     text = str(exc.value)
     assert "phases[0].placement: strategy 'explicit' needs 'layers'" in text
-    assert "phases[0].replay: kind 'generative' needs 'prompts'" in text
+    assert "phases[0].replay: kind 'generative' needs exactly one of 'prompts'" in text
 
 
 def test_split_on_local_file_is_refused(tmp_path) -> None:

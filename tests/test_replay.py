@@ -128,8 +128,13 @@ def test_bad_replay_settings_are_recipe_errors() -> None:
         load_recipe(SMOKE, ["phases[1].replay={kind: real, ratio: 1.5}"])
     with pytest.raises(RecipeError, match=r"phases\[0\]\.replay: real replay without 'source' replays earlier"):
         load_recipe(SMOKE, ["phases[0].replay={kind: real, ratio: 0.1}"])
-    with pytest.raises(RecipeError, match="kind 'generative' needs 'prompts'"):
+    with pytest.raises(RecipeError, match="kind 'generative' needs exactly one of 'prompts'"):
         load_recipe(SMOKE, ["phases[1].replay={kind: generative, ratio: 0.1}"])
+    with pytest.raises(RecipeError, match="kind 'generative' needs exactly one of 'prompts'"):
+        load_recipe(SMOKE, ["phases[1].replay={kind: generative, ratio: 0.1, translate: {}, "
+                            "prompts: {path: 'builtin:smoke/en_prompts.jsonl', language: en}}"])
+    with pytest.raises(RecipeError, match=r"phases\[1\]\.replay\.translate\.prompt: .*must contain \{text\}"):
+        load_recipe(SMOKE, ["phases[1].replay={kind: generative, ratio: 0.1, translate: {prompt: 'Translate.'}}"])
 
 
 def test_empty_prompt_source_fails_at_dry_run(tmp_path, capsys) -> None:
@@ -293,3 +298,44 @@ def test_replay_generation_records_no_gradients(tiny_model_path) -> None:
     assert torch.is_grad_enabled()
     answers, _ = generate_answers(model, tok, [[{"role": "user", "content": "Name a colour."}]], batch_size=1, max_new_tokens=4)
     assert len(answers) == 1 and seen == [False]
+
+
+TRANSLATED = ("phases[1].replay={kind: generative, ratio: 0.1, max_new_tokens: 12, min_new_tokens: 4, "
+              "generation_batch_size: 4, translate: {max_new_tokens: 16, batch_size: 1}}")
+
+
+def test_generative_replay_on_english_versions_of_the_phase_instructions(tmp_path) -> None:
+    """The paper's GR: the phase-2 instructions, translated to English by the phase-1 model (here
+    'self'), answered by it; each replay row keeps its original and language."""
+    from cft_adapters.data import load_source
+    from cft_adapters.modeling import load_base_model, load_tokenizer
+    from cft_adapters.replay import LANGUAGE_NAMES, generate_answers
+
+    out = tmp_path / "run"
+    assert main([str(SMOKE), f"output_dir={out}", "eval.tasks=[]", TRANSLATED]) == 0
+    manifest = RunManifest.read(out)
+    info = manifest.phases[2].replay
+    rows = [json.loads(line) for line in (out / "phase_2_french_german" / "replay.jsonl").read_text().splitlines()]
+    recipe = load_recipe(out / "recipe.resolved.yaml")
+    phase_rows = load_source(recipe.phases[1].datasets[0], "x", recipe.phase_training(1).seed)
+    originals = {(m["content"], r["language"]) for r in phase_rows for m in r["prompt"] if m["role"] == "user"}
+    assert rows and len(rows) <= math.ceil(0.1 * 64)
+    for row in rows:
+        origin = row["translated_from"]
+        assert (origin["instruction"], origin["language"]) in originals  # the pairing: a real phase-2 instruction
+        assert origin["language"] in {"fr", "de"} and origin["translator"] == "phase_1_english/adapter"
+        assert row["language"] == "en" and row["prompt"][0]["content"] and row["answer"]
+    translation = info["generation"]["translation"]
+    assert translation["translator"] == "phase_1_english/adapter" and translation["translated"] == len(rows)
+
+    # The English prompt is what the phase-1 model itself answers to the translation request.
+    from peft import PeftModel
+
+    tok = load_tokenizer(recipe.model, manifest.base_model_path)
+    phase1 = PeftModel.from_pretrained(load_base_model(recipe.model, manifest.base_model_path),
+                                       str(out / "phase_1_english/adapter"))
+    first = rows[0]["translated_from"]
+    request = recipe.phases[1].replay.translate.prompt.replace("{language}", LANGUAGE_NAMES[first["language"]]).replace(
+        "{text}", first["instruction"])
+    again, _ = generate_answers(phase1, tok, [[{"role": "user", "content": request}]], batch_size=1, max_new_tokens=16)
+    assert again == [rows[0]["prompt"][0]["content"]]

@@ -159,6 +159,58 @@ def test_stock_lm_eval_cli_scores_the_mini_tasks(tiny_model_path: Path, tmp_path
     assert {"contains,none", "langfid,none", "chrf,none"} <= set(results["cft_mini_ml_fr"])
 
 
+# -- token matching across pairs, base models and the mixed baseline -------------------------
+
+
+def test_phases_are_matched_by_name_and_the_mixed_baseline_gets_the_phased_total(tmp_path: Path, tiny_model_path) -> None:
+    """The paper's comparison in one study: a two-phase run, a one-phase run whose phase is the
+    two-phase run's second (the Instruct pair), and the mixed baseline; on two base models."""
+    import io
+
+    from rich.console import Console
+
+    from cft_adapters.study import load_cells, token_budgets
+
+    copy = tmp_path / "tiny-copy"  # a second base model: the tiny model as a local folder
+    copy.symlink_to(tiny_model_path, target_is_directory=True)
+    study = _write(tmp_path / "s.yaml", {
+        "output_dir": str(tmp_path / "out"), "seeds": [0],
+        "conditions": [
+            {"name": "similar", "recipe": str(SMOKE)},
+            {"name": "instruct", "recipe": str(SMOKE), "overrides": [
+                f"model.name_or_path={copy}", "phases=[{name: french_german, datasets: [{path: 'builtin:smoke/multi_fr_de.jsonl', "
+                "format: messages, language_column: lang, max_examples: 20}]}]"]},
+            {"name": "mixed", "recipe": str(ROOT / "recipes" / "smoke_mixed.yaml"), "overrides": ["training.token_budget=null"]},
+        ],
+    })
+    cells = load_cells(load_study(study), study)  # different base models are allowed
+    assert {c.recipe.model.name_or_path for c in cells} == {"builtin:tiny-mistral", str(copy)}
+    budgets, natural = token_budgets(cells, Console(file=io.StringIO()))
+    tokens = natural["0"]
+    assert set(tokens["similar"]) == {"english", "french_german"} and set(tokens["instruct"]) == {"french_german"}
+    assert tokens["instruct"]["french_german"] < tokens["similar"]["french_german"]
+    # each base model's conditions are matched among themselves (a token is its tokenizer's): the
+    # instruct condition is alone on its base, so nothing is cut; similar and mixed share theirs
+    assert budgets[0] == {"mixed": {"mixed": min(tokens["similar"]["english"] + tokens["similar"]["french_german"],
+                                                 tokens["mixed"]["mixed"])}}
+    # on one base, phases match by name, and the mixed baseline gets the phased total after matching
+    same_base = _write(tmp_path / "same.yaml", {**yaml.safe_load(study.read_text())})
+    raw = yaml.safe_load(same_base.read_text())
+    raw["conditions"][1]["overrides"] = raw["conditions"][1]["overrides"][1:]
+    _write(same_base, raw)
+    cells = load_cells(load_study(same_base), same_base)
+    budgets, natural = token_budgets(cells, Console(file=io.StringIO()))
+    tokens = natural["0"]
+    short = tokens["instruct"]["french_german"]
+    assert budgets[0] == {"similar": {"french_german": short},
+                          "mixed": {"mixed": min(tokens["similar"]["english"] + short, tokens["mixed"]["mixed"])}}
+    matched = {c.condition: c.recipe for c in load_cells(load_study(same_base), same_base, budgets)}
+    assert matched["similar"].phases[1].training.token_budget == short
+    assert matched["similar"].phases[0].training.token_budget is None  # equal everywhere: left alone
+    assert matched["instruct"].phases[0].training.token_budget is None  # already the smallest
+    assert matched["mixed"].training.token_budget == budgets[0]["mixed"]["mixed"]
+
+
 # -- a real study on the tiny model -----------------------------------------------------------
 
 
@@ -214,9 +266,13 @@ def test_phase_two_is_token_matched(tiny_study) -> None:
     result = json.loads((out / "study.json").read_text())
     for seed in ("0", "1"):
         natural = result["natural_tokens"][seed]
-        assert natural["similar"][0] == natural["dissimilar"][0]  # phase 1 identical: no budget, stays shared
-        budget = result["token_budgets"][seed]["1"]
-        assert budget == min(natural["similar"][1], natural["dissimilar"][1]) < max(natural["similar"][1], natural["dissimilar"][1])
+        first, second = list(natural["similar"])  # phase names, matched across conditions by name
+        assert natural["similar"][first] == natural["dissimilar"][first]  # phase 1 identical: no budget, stays shared
+        larger = max(("similar", "dissimilar"), key=lambda c: natural[c][second])
+        assert result["token_budgets"][seed] == {larger: {second: min(natural["similar"][second], natural["dissimilar"][second])}}
+        budget = result["token_budgets"][seed][larger][second]
+        assert budget == min(natural["similar"][second], natural["dissimilar"][second]) < max(
+            natural["similar"][second], natural["dissimilar"][second])
         for cond in ("similar", "dissimilar"):
             tokens = RunManifest.read(out / "cells" / cond / f"seed_{seed}").phases[2].train.tokens
             assert budget <= tokens < budget + 8 * 256  # stops within one batch of the budget
@@ -254,7 +310,7 @@ def test_rerun_skips_finished_cells_and_one_seed_says_no_interval(tiny_study, ca
 
     raw = yaml.safe_load(study.read_text())
     state = json.loads((out / "cells.json").read_text())
-    budgets = {int(s): {int(k): b for k, b in ph.items()} for s, ph in state["token_budgets"].items()}
+    budgets = {int(s): ph for s, ph in state["token_budgets"].items()}
     same = load_cells(load_study(study), study, budgets)
     assert all(cell_finished(c, state) for c in same)
     edited = _write(study.with_name("edited.yaml"), {**raw, "overrides": [*raw["overrides"], "eval.limit=3"]})
@@ -270,3 +326,21 @@ def test_rerun_skips_finished_cells_and_one_seed_says_no_interval(tiny_study, ca
     result = json.loads((out / "study.json").read_text())
     assert {c["status"] for c in result["cells"]} == {"stale"}
     assert all(row["ea"] is None for row in result["summary"])  # stale scores are never summarised
+
+
+def test_the_paper_matrix_study_spans_both_models_and_shares_each_bases_scores() -> None:
+    from cft_adapters.study import load_cells, phase_keys
+
+    path = ROOT / "recipes" / "studies" / "paper_matrix.yaml"
+    cells = {c.condition: c for c in load_cells(load_study(path), path)}
+    assert len(cells) == 18
+    assert {c.recipe.model.name_or_path for c in cells.values()} == {
+        "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1",
+        "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct"}
+    assert {n for n, c in cells.items() if c.recipe.mixed_baseline} == {"mistral_mixed", "llama3_mixed"}
+    for model in ("mistral", "llama3"):
+        instruct = [c for n, c in cells.items() if n.startswith(model) and "Instruct" in c.recipe.model.name_or_path]
+        assert len(instruct) == 7  # the pair and its six mitigations
+        assert len({phase_keys(c.recipe)[0] for c in instruct}) == 1  # the Instruct model is scored once
+        assert {p.name for c in instruct for p in c.recipe.run_phases()} == {"multilingual"}
+        assert phase_keys(cells[f"{model}_similar"].recipe)[0] == phase_keys(cells[f"{model}_mixed"].recipe)[0]
