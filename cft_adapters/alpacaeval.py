@@ -93,6 +93,26 @@ def judged_tasks(names: list[str]) -> list[str]:
     return out
 
 
+def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, dict[str, Any]]:
+    """The tasks' process_results: one item (instruction, our answer, the reference) per metric; the
+    aggregations (`win_rates`) judge them all at once."""
+    item = {"index": doc["index"], "instruction": doc["instruction"], "output": results[0].strip(),
+            "reference": doc["reference"]}
+    return {"lc_win_rate": item, "win_rate": item}
+
+
+def win_rates(glm: str, instruction_difficulty: str | None = None) -> tuple[Any, Any]:
+    """The tasks' two aggregations (lc_win_rate, win_rate) for this GLM; they share one judging."""
+
+    def lc_win_rate(items: list[dict[str, Any]]) -> float:
+        return score(items, glm, instruction_difficulty)["lc_win_rate"]
+
+    def win_rate(items: list[dict[str, Any]]) -> float:
+        return score(items, glm, instruction_difficulty)["win_rate"]
+
+    return lc_win_rate, win_rate
+
+
 def check_judge(judge: JudgeConfig, source: str) -> None:
     """Fail before training, not at the first checkpoint's aggregation: an endpoint must answer
     GET <endpoint>/models; a local judge given as a path must exist."""

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import datasets
 
+from cft_adapters import alpacaeval
+
 HUB_REPO, HUB_FILE = "tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json"
 GLM = "length_controlled_v1"
 
@@ -33,19 +35,6 @@ def load_alpacaeval(**kwargs) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 
-def process_alpacaeval(doc: dict, results: list[str]) -> dict[str, dict]:
-    item = {"index": doc["index"], "instruction": doc["instruction"], "output": results[0].strip(),
-            "reference": doc["reference"]}
-    return {"lc_win_rate": item, "win_rate": item}
-
-
-def lc_win_rate(items: list[dict]) -> float:
-    from cft_adapters import alpacaeval
-
-    return alpacaeval.score(items, glm=GLM, instruction_difficulty="hub")["lc_win_rate"]
-
-
-def win_rate(items: list[dict]) -> float:
-    from cft_adapters import alpacaeval
-
-    return alpacaeval.score(items, glm=GLM, instruction_difficulty="hub")["win_rate"]
+# The judging and the win rates: cft_adapters/alpacaeval.py (through the alpaca-eval package).
+process_alpacaeval = alpacaeval.process_results
+lc_win_rate, win_rate = alpacaeval.win_rates(GLM, instruction_difficulty="hub")

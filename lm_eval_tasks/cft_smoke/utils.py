@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 
+from cft_adapters import alpacaeval
 from cft_adapters.metrics import chrf, language_fidelity, rouge_l
 from cft_adapters.util.jsonl import read_jsonl
 
@@ -48,19 +49,5 @@ def load_alpacaeval(**kwargs) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def process_alpacaeval(doc: dict, results: list[str]) -> dict[str, dict]:
-    item = {"index": doc["index"], "instruction": doc["instruction"], "output": results[0].strip(),
-            "reference": doc["reference"]}
-    return {"lc_win_rate": item, "win_rate": item}
-
-
-def lc_win_rate(items: list[dict]) -> float:
-    from cft_adapters import alpacaeval
-
-    return alpacaeval.score(items, glm="length_controlled_minimal")["lc_win_rate"]
-
-
-def win_rate(items: list[dict]) -> float:
-    from cft_adapters import alpacaeval
-
-    return alpacaeval.score(items, glm="length_controlled_minimal")["win_rate"]
+process_alpacaeval = alpacaeval.process_results
+lc_win_rate, win_rate = alpacaeval.win_rates("length_controlled_minimal")
