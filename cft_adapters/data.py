@@ -271,7 +271,8 @@ def _check_local(src: DatasetSource, where: str, *, prompts: bool, preview_rows:
         stat = file.stat()
     except OSError as exc:
         raise DataError(f"{where}: {src.describe()}: cannot read: {exc.strerror}") from None
-    shape = src.model_dump_json(include={"format", "columns", "messages_column", "language", "language_column"})
+    shape = src.model_dump_json(include={"format", "columns", "messages_column", "language", "language_column"}
+                                | ({"conversations_column"} if src.format == "sharegpt" else set()))
     key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, shape, prompts, preview_rows)
     if key not in _SCANS:
         _SCANS[key] = _scan_local(src, file, where, prompts=prompts, preview_rows=preview_rows)

@@ -23,14 +23,19 @@ from cft_adapters.errors import RecipeError
 from cft_adapters.manifest import write_atomic
 from cft_adapters.recipe import EvalConfig, ModelConfig
 from cft_adapters.task_semantics import TaskSemanticsError, unclassified_tasks
-from cft_adapters.tasks_path import tasks_dir
+from cft_adapters.tasks_path import task_dirs
 
 
-@lru_cache(maxsize=1)
 def task_manager() -> Any:
+    """lm-eval's task manager over the bundled tasks and the include paths in use (tasks_path)."""
+    return _task_manager(task_dirs())
+
+
+@lru_cache(maxsize=4)
+def _task_manager(dirs: tuple[Path, ...]) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(tasks_dir()))
+    return TaskManager(include_path=[str(d) for d in dirs])
 
 
 def unknown_tasks(names: list[str]) -> list[str]:

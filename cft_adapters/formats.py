@@ -83,6 +83,40 @@ def _messages_prompt(row: dict[str, Any], src: DatasetSource) -> Messages:
     return chat_turns(turns, src.messages_column)
 
 
+# -- sharegpt: `conversations` of {from, value} turns (human / gpt / system) ------------------------
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "system": "system"}
+
+
+def _sharegpt_turns(row: dict[str, Any], src: DatasetSource) -> Messages:
+    column, turns = src.conversations_column, row.get(src.conversations_column)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"column '{column}': expected a list of {{from, value}} turns, got {turns!r:.80}")
+    clean = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise RowError(f"column '{column}': each turn needs 'from' and 'value' text, got {turn!r:.80}")
+        role = SHAREGPT_ROLES.get(turn["from"].lower())
+        if role is None:
+            raise RowError(f"column '{column}': unknown speaker '{turn['from']}' (known: {', '.join(SHAREGPT_ROLES)})")
+        clean.append({"role": role, "content": turn["value"]})
+    return clean
+
+
+def _sharegpt(row: dict[str, Any], src: DatasetSource) -> tuple[Messages, str]:
+    return _messages({src.conversations_column: _sharegpt_turns(row, src)}, _as_messages(src))
+
+
+def _sharegpt_prompt(row: dict[str, Any], src: DatasetSource) -> Messages:
+    return _messages_prompt({src.conversations_column: _sharegpt_turns(row, src)}, _as_messages(src))
+
+
+def _as_messages(src: DatasetSource) -> DatasetSource:
+    """The 'messages' rules (last turn the answer, a user turn before it), on the converted turns."""
+    return src.model_copy(update={"messages_column": src.conversations_column})
+
+
 # -- columns: an explicit mapping (prompt, response, optional system) --------------------------------
 
 
@@ -109,6 +143,9 @@ FORMATS: dict[str, Format] = {
                      lambda src: ["instruction", "output"], lambda src: ["instruction"], _alpaca, _alpaca_prompt),
     "messages": Format("a chat list whose last turn is the assistant's answer",
                        lambda src: [src.messages_column], lambda src: [src.messages_column], _messages, _messages_prompt),
+    "sharegpt": Format("ShareGPT: `conversations` of {from, value} turns (human / gpt / system)",
+                       lambda src: [src.conversations_column], lambda src: [src.conversations_column], _sharegpt,
+                       _sharegpt_prompt),
     "columns": Format("explicit prompt / response (/ system) columns",
                       _mapped_columns, lambda src: [src.columns.prompt] if src.columns else [], _columns, _columns_prompt),
 }

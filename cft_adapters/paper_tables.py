@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cft_adapters.tasks_path import use_include_paths
 from cft_adapters import report
 from cft_adapters.errors import CftError
 from cft_adapters.manifest import RESOLVED_RECIPE, write_atomic
@@ -173,6 +174,7 @@ def read_run(run_dir: Path, given: str | None = None, hint: str | None = None, p
     """A run directory's scores in the paper's aggregates, under the run's own evaluation settings."""
     manifest = checked_manifest(run_dir)
     recipe = recipe_facts(run_dir)
+    use_include_paths(recipe.eval.include_path)
     if not recipe.eval.tasks:
         raise CftError(f"{run_dir}: the recipe scores nothing (eval.tasks: []); nothing to tabulate")
     recorded = [r.eval_settings for r in manifest.phases if r.eval_status == "done" and r.eval_settings]

@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cft_adapters.tasks_path import use_include_paths
 from cft_adapters import distributed, modeling, report
 from cft_adapters.callbacks import NonFiniteLossError
 from cft_adapters.data import check_data
@@ -46,6 +47,7 @@ class PhaseRunner:
 
     def __init__(self, recipe: Recipe, recipe_path: str, console: Console | None = None):
         self.recipe = recipe
+        use_include_paths(recipe.eval.include_path)  # the recipe's own task folders, for every scoring
         self.recipe_path = recipe_path
         # Data-parallel runs (accelerate launch): rank 0 writes the run directory and talks; see distributed.py.
         self.main = distributed.is_main()

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cft_adapters.tasks_path import use_include_paths
 from cft_adapters.data import check_data
 from cft_adapters.errors import DataError
 from cft_adapters import eval_cost
@@ -20,6 +21,7 @@ def _training_summary(t: TrainingConfig) -> str:
 
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float | None = None) -> None:
+    use_include_paths(recipe.eval.include_path)
     check_placements(recipe, recipe_path)
     problems = (unknown_tasks(recipe.eval.tasks) or unclassified_tasks(recipe.eval.tasks)
                 or limit_problems_of(recipe.eval)) if recipe.eval.tasks else []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import (
@@ -199,12 +199,40 @@ class EvalConfig(_Strict):
         description="Precision of the base the adapters are scored on. None: the training base as it is "
         "in memory (no second load). Another value loads the base once more at that precision.",
     )
+    include_path: list[str] = Field(
+        default_factory=list,
+        description="Your own lm-eval task folders (relative to the recipe file), searched with the bundled ones, as "
+        "lm_eval --include_path: their tasks can be named in `tasks`. Each task declares metadata.cft "
+        "{ability, language, metric, benchmark} for the report (see lm_eval_tasks/README.md).",
+    )
     judge: JudgeConfig | None = Field(
         None,
         description="The LLM judge of the AlpacaEval members (cft_alpacaeval, cft_smoke_alpacaeval): the length-"
         "controlled win rate against the reference answers, through the alpaca-eval package. None: those members "
         "are skipped with a message, and EA has four members.",
     )
+
+    # Fields added after runs and caches were keyed on this section, with their defaults.
+    NEW_DEFAULTS: ClassVar[dict[str, Any]] = {"limits": {}, "judge": None, "include_path": []}
+
+    @field_validator("include_path")
+    @classmethod
+    def _folders(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        base_dir = Path((info.context or {}).get("base_dir", "."))
+        out = []
+        for i, folder in enumerate(value):
+            path = Path(folder).expanduser()
+            path = (path if path.is_absolute() else base_dir / path).resolve()
+            if not path.is_dir():
+                raise ValueError(f"[{i}]: no folder at {path} (a folder of lm-eval task YAMLs, relative to the recipe)")
+            out.append(str(path))
+        return out
+
+    def keyed_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """model_dump for keys and digests: fields added later are left out while at their default,
+        so what was keyed before they existed keeps its key."""
+        dump = self.model_dump(mode="json", **kwargs)
+        return {k: v for k, v in dump.items() if not (k in self.NEW_DEFAULTS and v == self.NEW_DEFAULTS[k])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,13 +257,17 @@ class DatasetSource(_Strict):
     data_files: str | list[str] | None = Field(None, description="Hub data_files (e.g. one jsonl per language).")
     split: str = Field("train", description="Split to read.")
     revision: str | None = Field(None, description="Hub dataset revision.")
-    format: Literal["alpaca", "messages", "columns"] = Field(
+    format: Literal["alpaca", "messages", "sharegpt", "columns"] = Field(
         "alpaca",
-        description="'alpaca': instruction/input/output. 'messages': a chat list whose last turn is the "
-        "assistant's answer. 'columns': explicit mapping in `columns`.",
+        description="'alpaca': instruction/input/output. 'messages': a chat list ({role, content}) whose last turn is "
+        "the assistant's answer. 'sharegpt': a `conversations` list of {from, value} turns (human/gpt/system; "
+        "user/assistant also read), the last one gpt's. 'columns': explicit mapping in `columns`.",
     )
     columns: ColumnMap | None = Field(None, description="Column mapping, for format 'columns'.")
-    messages_column: str = Field("messages", description="Column holding the chat list, for format 'messages'.")
+    messages_column: str = Field(
+        "messages", description="Column holding the chat list, for format 'messages' ('sharegpt': `conversations_column`)."
+    )
+    conversations_column: str = Field("conversations", description="Column holding the turns, for format 'sharegpt'.")
     language: str | None = Field(None, description="Language tag for every example of this source (e.g. 'en').")
     language_column: str | None = Field(None, description="Column holding each example's language tag.")
     max_examples: int | None = Field(None, ge=1, description="Keep at most this many examples (seeded shuffle first).")

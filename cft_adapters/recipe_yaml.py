@@ -141,6 +141,10 @@ def _absolutize_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             if not value.startswith(BUILTIN_PREFIX) and not Path(value).expanduser().is_absolute():
                 src["path"] = str((base_dir / value).resolve())
 
+    ev = data.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("include_path"), list):
+        ev["include_path"] = [str((base_dir / p).resolve()) if isinstance(p, str) and not Path(p).expanduser().is_absolute()
+                              else p for p in ev["include_path"]]
     for phase in data.get("phases") or []:
         if not isinstance(phase, dict):
             continue

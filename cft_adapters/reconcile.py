@@ -34,7 +34,7 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
         "fallback_template": short_digest(modeling.FALLBACK_CHAT_TEMPLATE),
         "phases": [
             {
-                **recipe.run_phases()[i].model_dump(mode="json", exclude={"training"}),
+                **_without_new_defaults(recipe.run_phases()[i].model_dump(mode="json", exclude={"training"})),
                 "training": recipe.phase_training(i).model_dump(mode="json"),
                 "content": [_content(src) for src in _sources(recipe.run_phases()[i])],
             }
@@ -42,6 +42,26 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
         ],
     }
     return short_digest(canonical_json(payload))
+
+
+# Fields added to a phase's schema after runs were made, with their defaults: left out of the digest
+# while at the default, so a run made before they existed keeps its digest (and resumes).
+NEW_DATASET_FIELDS = {"conversations_column": "conversations"}
+NEW_REPLAY_FIELDS = {"translate": None}
+
+
+def _without_new_defaults(phase: dict[str, Any]) -> dict[str, Any]:
+    def trim(d: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if not (k in new and v == new[k])}
+
+    out = {**phase, "datasets": [trim(d, NEW_DATASET_FIELDS) for d in phase.get("datasets", [])]}
+    replay = phase.get("replay")
+    if isinstance(replay, dict):
+        out["replay"] = trim(replay, NEW_REPLAY_FIELDS)
+        for key in ("prompts", "source"):
+            if isinstance(replay.get(key), dict):
+                out["replay"][key] = trim(replay[key], NEW_DATASET_FIELDS)
+    return out
 
 
 def _sources(phase: Any) -> list[Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 
+from cft_adapters.tasks_path import use_include_paths
 from cft_adapters import modeling, report
 from cft_adapters.errors import CftError
 from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision, unknown_tasks
@@ -41,6 +42,7 @@ def rescore_run(
     run_dir = Path(run_dir)
     manifest = checked_manifest(run_dir)
     model_cfg, run_cfg = run_settings(run_dir, allow_remote_code=allow_remote_code)
+    use_include_paths(run_cfg.include_path)
     updates = {k: v for k, v in {"tasks": tasks, "limit": limit, "batch_size": batch_size}.items() if v is not None}
     try:  # validated like the recipe's own eval section (a negative or nan --limit is an error)
         eval_cfg = EvalConfig.model_validate({**run_cfg.model_dump(), **updates})

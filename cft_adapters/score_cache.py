@@ -25,7 +25,7 @@ from cft_adapters.evaluation import EvalOutcome
 from cft_adapters.manifest import package_versions
 from cft_adapters.modeling import FALLBACK_CHAT_TEMPLATE
 from cft_adapters.recipe import BUILTIN_PREFIX, EvalConfig, ModelConfig
-from cft_adapters.tasks_path import tasks_dir
+from cft_adapters.tasks_path import task_dirs
 from cft_adapters.util.digest import canonical_json, short_digest
 from cft_adapters.util.fs import build_cached_dir, cache_dir, file_lock, move_aside, write_atomic
 
@@ -64,12 +64,14 @@ def _hub_commit(model: ModelConfig) -> str | None:
 
 
 def task_definitions_digest() -> str:
-    """Every file under lm_eval_tasks/ (YAML with each task's version, utils, bundled data)."""
-    root = tasks_dir()
+    """Every file under lm_eval_tasks/ and the include paths in use (YAML with each task's version,
+    utils, bundled data). The bundled folder is keyed by relative paths, as before include paths."""
     parts = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            parts.append(f"{path.relative_to(root)}:{short_digest(path.read_bytes())}")
+    for i, root in enumerate(task_dirs()):
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                name = path.relative_to(root) if i == 0 else path
+                parts.append(f"{name}:{short_digest(path.read_bytes())}")
     return short_digest("\n".join(parts))
 
 
@@ -84,7 +86,7 @@ def base_score_key(model: ModelConfig, model_path: str, eval_cfg: EvalConfig, se
         "format": _FORMAT,
         "model": model_identity(model, model_path),
         "tasks": list(eval_cfg.tasks),
-        "eval": eval_cfg.model_dump(mode="json", exclude={"tasks"}),
+        "eval": eval_cfg.keyed_dump(exclude={"tasks"}),
         "settings": settings,
         "task_definitions": task_definitions_digest(),
         "versions": package_versions(),

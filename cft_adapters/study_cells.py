@@ -69,6 +69,9 @@ def load_cells(study: Study, study_path: Path, budgets: dict[int, dict[str, dict
     if problems:
         raise RecipeError(problems)
     _check_comparable(cells, study_path)
+    from cft_adapters.tasks_path import use_include_paths
+
+    use_include_paths(cells[0].recipe.eval.include_path)  # one evaluation for every cell (_check_comparable)
     return cells
 
 
@@ -90,7 +93,7 @@ def phase_keys(recipe: Recipe) -> list[str]:
     model and the evaluation; phase k >= 1 by its config_digest and the evaluation."""
     from cft_adapters.reconcile import phase_config_digest
 
-    eval_part = dumps_canonical(recipe.eval.model_dump(mode="json"))
+    eval_part = dumps_canonical(recipe.eval.keyed_dump())
     base = short_digest(dumps_canonical(recipe.model.model_dump(mode="json")) + eval_part)
     keys = [base]
     for k in range(1, len(recipe.run_phases()) + 1):

@@ -165,12 +165,29 @@ def load_catalog(root: Path) -> Catalog:
     return catalog
 
 
-@lru_cache(maxsize=4)
 def catalog(root: Path | None = None) -> Catalog:
-    """The declarations in `root` (default: the installed lm_eval_tasks folder), read once."""
-    from cft_adapters.tasks_path import tasks_dir
+    """The declarations in `root` (default: the installed lm_eval_tasks folder and the include paths
+    in use, tasks_path.task_dirs), read once."""
+    from cft_adapters.tasks_path import task_dirs
 
-    return load_catalog(root or tasks_dir())
+    return _catalog((root,) if root is not None else task_dirs())
+
+
+@lru_cache(maxsize=8)
+def _catalog(roots: tuple[Path, ...]) -> Catalog:
+    merged = Catalog()
+    for root in roots:
+        part = load_catalog(root)
+        for name, semantics in part.declared.items():
+            merged.declare(name, semantics, part.declared_in[name])
+        merged.tasks += part.tasks
+        for group, members in part.groups.items():
+            merged.groups.setdefault(group, members)
+        for tag, members in part.tags.items():
+            merged.tags.setdefault(tag, []).extend(members)
+        for name, problem in part.problems.items():
+            merged.problems.setdefault(name, problem)
+    return merged
 
 
 def classify(requested: list[str], groups: dict[str, list[str]] | None = None,

@@ -9,6 +9,8 @@ from cft_adapters.data import load_phase_data, preview_source
 from cft_adapters.errors import DataError
 from cft_adapters.recipe import DatasetSource, PhaseConfig
 
+from conftest import REPO, SMOKE
+
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -182,3 +184,36 @@ def test_source_fingerprint_of_a_hub_dataset_offline(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert source_fingerprint(DatasetSource(hub="nobody/fp-cached", language="en")) == {
         "kind": "hub", "id": "nobody/fp-cached", "revision": commit, "resolved": True}
+
+
+def test_a_sharegpt_file_trains(tmp_path) -> None:
+    """ShareGPT rows (conversations of {from, value}; human / gpt / system) train like messages rows."""
+    from cft_adapters.cli import main
+    from cft_adapters.manifest import RunManifest
+
+    rows = [json.loads(line) for line in (REPO / "cft_adapters" / "data" / "smoke" / "en_tasks.jsonl").read_text().splitlines()]
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [
+        {"from": "system", "value": "You are helpful."},
+        {"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": r["output"]}]}) + "\n" for r in rows[:16]))
+    out = tmp_path / "run"
+    assert main([str(SMOKE), f"output_dir={out}", "eval.tasks=[]", "training.max_steps=2",
+                 f"phases=[{{name: english, datasets: [{{path: '{data}', format: sharegpt, language: en}}]}}]"]) == 0
+    record = RunManifest.read(out).phases[1]
+    assert record.status == "done" and record.train.tokens > 0
+
+
+def test_sharegpt_rows_are_checked_like_messages_rows(tmp_path, capsys) -> None:
+    from cft_adapters.cli import main
+
+    bad = {"speaker": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Yo"}],
+           "order": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Yo"}]}
+    expected = {"speaker": "unknown speaker 'robot'", "order": "the last message must be the assistant's answer"}
+    for name, turns in bad.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text(json.dumps({"conversations": turns}) + "\n")
+        code = main([str(SMOKE), f"output_dir={tmp_path / 'o'}", "--dry-run",
+                     f"phases[0].datasets[0]={{path: '{data}', format: sharegpt, language: en}}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err
+        assert expected[name] in err and "column 'conversations'" in err and "line 1" in err

@@ -362,3 +362,20 @@ def test_shipped_paper_matrix_recipe_maps_to_its_paper_row(name: str, model: str
         assert len(recipe.phases) == 1
     if condition == "LF_H2":
         assert recipe.phases[0].placement.reference.tuned == recipe.model.name_or_path
+
+
+def test_fields_added_later_leave_old_digests_and_keys_alone_while_at_their_default() -> None:
+    """Runs, study cells and cached base scores made before a field existed keep their keys: a new
+    field at its default is left out of the digest payloads; set, it is part of them."""
+    from cft_adapters.reconcile import _without_new_defaults, phase_config_digest
+
+    recipe = load_recipe(SMOKE, ["phases[1].replay={kind: real, ratio: 0.1}"])
+    dump = _without_new_defaults(recipe.phases[1].model_dump(mode="json", exclude={"training"}))
+    assert "conversations_column" not in dump["datasets"][0] and "translate" not in dump["replay"]
+    assert not {"limits", "judge", "include_path"} & set(load_recipe(SMOKE, ["eval.judge=null"]).eval.keyed_dump())
+    assert recipe.eval.keyed_dump()["judge"]["model"] == "builtin:tiny-mistral"  # set: keyed
+    changed = load_recipe(SMOKE, ["phases[1].replay={kind: real, ratio: 0.1}",
+                                  "phases[1].datasets[0].conversations_column=turns"])
+    assert phase_config_digest(changed, 2) != phase_config_digest(recipe, 2)
+    limited = load_recipe(SMOKE, ["eval.limits={cft_smoke_en: 5}"])
+    assert limited.eval.keyed_dump()["limits"] == {"cft_smoke_en": 5}

@@ -34,7 +34,7 @@ def test_data_formats_match_the_schema() -> None:
 def test_the_literal_helper_reads_the_schema_not_a_copy() -> None:
     """The registry tests compare with the schema itself: a value added there shows up here."""
     assert "alpaca" in _literal(DatasetSource, "format")
-    assert _literal(DatasetSource, "format") != set(FORMATS) | {"sharegpt"}
+    assert _literal(DatasetSource, "format") != set(FORMATS) | {"oasst"}
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -45,7 +45,8 @@ def test_every_format_reads_a_row_it_declares(name: str) -> None:
 
     src = DatasetSource(path="builtin:smoke/en_tasks.jsonl", format=name, language="en",
                         columns={"prompt": "q", "response": "a"} if name == "columns" else None)
-    fill = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    fill = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+            "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
     row = {c: fill.get(c, f"text of {c}") for c in FORMATS[name].columns(src)}
     prompt, answer = FORMATS[name].conversation(row, src)
     assert prompt[-1]["role"] == "user" and prompt[-1]["content"] and answer
