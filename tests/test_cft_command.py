@@ -17,9 +17,9 @@ from conftest import SMOKE
 def test_help_lists_every_command(capsys) -> None:
     assert cft_main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("train", "eval", "study", "analyze", "tables", "tasks", "fetch", "schema", "validate"):
+    for name in ("train", "eval", "study", "analyze", "tables", "export", "tasks", "fetch", "schema", "validate"):
         assert f"\n  {name} " in out
-    assert set(COMMANDS) == {"train", "eval", "study", "analyze", "tables", "tasks", "fetch", "schema", "validate"}
+    assert set(COMMANDS) == {"train", "eval", "study", "analyze", "tables", "export", "tasks", "fetch", "schema", "validate"}
 
 
 def test_version_and_unknown_commands(capsys) -> None:
