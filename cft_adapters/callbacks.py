@@ -1,8 +1,10 @@
-"""Trainer callbacks: rich step progress, and a guard that stops on a non-finite loss."""
+"""Trainer callbacks: rich step progress (plain lines when not on a terminal), and a guard that stops
+on a non-finite loss."""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -43,16 +45,28 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class RichProgressCallback(TrainerCallback):
-    """One rich progress task per phase, advanced per optimizer step, showing the latest loss."""
+    """One rich progress task per phase, advanced per optimizer step, showing the latest loss. When
+    the console is not a terminal (output redirected to a file: nohup, a cluster job, CI), the live
+    display draws nothing until the end, so every `logging_steps` a plain line is printed instead:
+    step, loss, tokens/s and the time left."""
 
     def __init__(self, progress: Any, label: str):
         self.progress = progress
         self.label = label
         self.task: Any = None
         self.loss: float | None = None
+        self.started: float | None = None
+        self.first_step = 0
+        self.first_tokens = 0
+
+    @property
+    def plain(self) -> bool:
+        return not self.progress.console.is_terminal
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         self.task = self.progress.add_task(self.label, total=state.max_steps, completed=state.global_step, loss="")
+        self.started, self.first_step = time.perf_counter(), state.global_step
+        self.first_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         self.progress.update(self.task, completed=state.global_step)
@@ -61,9 +75,31 @@ class RichProgressCallback(TrainerCallback):
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])
             self.progress.update(self.task, loss=f"loss {self.loss:.4f}")
+            if self.plain:
+                self.progress.console.print(self.line(state), highlight=False, soft_wrap=True)
+
+    def line(self, state: Any) -> str:
+        """e.g. 'phase 1 english: step 8/24 (33%), loss 6.7954, 5,912 tok/s, 1s elapsed, ETA 3s'."""
+        done, total = state.global_step, state.max_steps
+        elapsed = time.perf_counter() - (self.started or time.perf_counter())
+        steps = max(done - self.first_step, 0)
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self.first_tokens
+        rate = f", {tokens / elapsed:,.0f} tok/s" if elapsed > 0 and tokens > 0 else ""
+        eta = f", ETA {_duration(elapsed / steps * (total - done))}" if steps else ""
+        loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+        return f"{self.label}: step {done}/{total} ({done / max(total, 1):.0%}){loss}{rate}, {_duration(elapsed)} elapsed{eta}"
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
         self.progress.update(self.task, completed=state.global_step)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class AdapterDtypeGuard(TrainerCallback):
