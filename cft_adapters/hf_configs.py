@@ -47,8 +47,9 @@ def lora_config(adapter: AdapterConfig, layers_to_transform: list[int] | None = 
     )
 
 
-def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -> Any:
-    """SFTConfig for one phase. Checkpoints go to `output_dir` (the phase's trainer/ folder)."""
+def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path, **tracking: Any) -> Any:
+    """SFTConfig for one phase. Checkpoints go to `output_dir` (the phase's trainer/ folder).
+    `tracking`: report_to / run_name / project for the Trainer's tracker integrations (tracking.py)."""
     from trl import SFTConfig
 
     dtype = compute_dtype(model)
@@ -80,7 +81,7 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         include_num_input_tokens_seen="non_padding",
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        report_to="none",
+        **({"report_to": "none"} | tracking),
         disable_tqdm=True,  # progress is drawn by cft_adapters.callbacks.RichProgressCallback
         dataloader_pin_memory=torch.cuda.is_available(),
         padding_free=training.padding_free,

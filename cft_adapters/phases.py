@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cft_adapters.tracking import check_trackers, log_phase_scores
 from cft_adapters.tasks_path import use_include_paths
 from cft_adapters import distributed, modeling, report
 from cft_adapters.callbacks import NonFiniteLossError
@@ -68,6 +69,9 @@ class PhaseRunner:
         check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
         check_placements(self.recipe, self.recipe_path)
         check_liger(self.recipe, self.recipe_path)
+        for i in range(len(self.phases)):
+            check_trackers(self.recipe.phase_training(i) if not self.recipe.mixed_baseline else self.recipe.training,
+                           self.recipe_path)
         self.rundir.lock(self.recipe_path)  # held to the end of run(): one process owns a run directory
         old = read_manifest(self.run_dir)
         precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
@@ -234,6 +238,8 @@ class PhaseRunner:
             if cache is not None:
                 scorer = StoringScorer(scorer, cache, self.console)
         record_evaluation(self.manifest, record, scorer, adapter_dir, self.run_dir, self.console, settings)
+        if record.eval_status == "done" and self.main:
+            log_phase_scores(self.recipe.training, self.run_dir, self.manifest, scored_tasks(self.recipe.eval), k)
 
     def _base_score_cache(self, settings: dict[str, Any]) -> BaseScoreCache | None:
         """Where the base's scores under these settings are kept across runs (None: cache off)."""

@@ -140,6 +140,15 @@ class TrainingConfig(_Strict):
         description="Train the phase on this many non-padding input tokens (replay included), then stop; the "
         "learning-rate schedule is sized to the budget. For comparing conditions at equal tokens.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers for the training curves (one run per phase, so phase boundaries show) and "
+        "each phase's EA / MA / Combined / forgetting. TensorBoard writes to <output_dir>/tensorboard/. Not part "
+        "of any phase's digest: tracking changes no adapter.",
+    )
+    project: str | None = Field(None, description="The tracker's project (W&B, Trackio, MLflow experiment).")
+    run_name: str | None = Field(None, description="The tracker's run name (default: the output_dir's name); "
+                                 "each phase is '<run_name>/phase_<k>_<name>'.")
 
 
 def _overrides_model(base: type[BaseModel], name: str) -> type[BaseModel]:

@@ -35,7 +35,7 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
         "phases": [
             {
                 **_without_new_defaults(recipe.run_phases()[i].model_dump(mode="json", exclude={"training"})),
-                "training": recipe.phase_training(i).model_dump(mode="json"),
+                "training": recipe.phase_training(i).model_dump(mode="json", exclude=TRACKING_FIELDS),
                 "content": [_content(src) for src in _sources(recipe.run_phases()[i])],
             }
             for i in range(k)
@@ -47,6 +47,7 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
 # Fields added to a phase's schema after runs were made, with their defaults: left out of the digest
 # while at the default, so a run made before they existed keeps its digest (and resumes).
 NEW_DATASET_FIELDS = {"conversations_column": "conversations"}
+TRACKING_FIELDS = {"report_to", "project", "run_name"}  # where curves are logged changes no adapter
 NEW_REPLAY_FIELDS = {"translate": None}
 
 

@@ -20,6 +20,7 @@ import torch
 from rich.progress import Progress
 from transformers import TrainerCallback
 
+from cft_adapters.tracking import trainer_settings
 from cft_adapters import distributed, modeling
 from cft_adapters.callbacks import AdapterDtypeGuard, NonFiniteGuard, RichProgressCallback, SeededLengthGrouping
 from cft_adapters.data import PhaseData, load_phase_data, truncate_tokenized
@@ -113,12 +114,14 @@ def _trainer(run: Any, k: int, record: PhaseRecord, data: PhaseData, progress: P
     from trl import SFTTrainer
 
     training, peft_model = run.recipe.phase_training(k - 1), run.model.peft
+    tracking_args, tracking_callbacks = trainer_settings(training, run.run_dir, record.dirname)
     trainer = SFTTrainer(
         model=peft_model,
-        args=sft_config(training, run.recipe.model, run.rundir.trainer_dir(record)),
+        args=sft_config(training, run.recipe.model, run.rundir.trainer_dir(record), **tracking_args),
         train_dataset=data.for_trainer(),
         processing_class=run.model.tokenizer,
-        callbacks=[NonFiniteGuard(peft_model), RichProgressCallback(progress, f"phase {k} {record.name}")],
+        callbacks=[NonFiniteGuard(peft_model), RichProgressCallback(progress, f"phase {k} {record.name}"),
+                   *tracking_callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(AdapterDtypeGuard(peft_model))  # after TRL's cast: the dtypes it trains at
