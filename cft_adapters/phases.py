@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cft_adapters.loss_curve import write_loss_curve
 from cft_adapters.tracking import check_trackers, log_phase_scores
 from cft_adapters.tasks_path import use_include_paths
 from cft_adapters import distributed, modeling, report
@@ -189,6 +190,7 @@ class PhaseRunner:
         if not self.main:
             return self.manifest
         self.console.print(summary_table(self.manifest))
+        write_loss_curve(self.run_dir, self.manifest)
         if self.recipe.eval.tasks:
             settings = eval_settings(self.recipe.eval, self.recipe.eval.base_precision or training_precision(self.recipe.model))
             self.console.print(*report.rich_tables(self.manifest, self.recipe.eval.tasks, settings))

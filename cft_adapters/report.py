@@ -411,6 +411,8 @@ def write_report(run_dir: Path, manifest: RunManifest, tasks: list[str], setting
         "primary metrics above directly. Definitions: `cft_adapters/report.py`.",
         "",
     ]
+    if not label and (run_dir / "loss_curve.png").is_file():
+        lines += ["## Training loss", "", "![training loss per phase](loss_curve.png)", ""]
     from cft_adapters.rundir import inside
 
     path = run_dir / (f"report-{label}.md" if label else "report.md")

@@ -59,3 +59,19 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_training(tmp_path:
     err = capsys.readouterr().err
     assert "training.report_to: mlflow is not installed (pip install mlflow)" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "phase_1_english").exists()
+
+
+@pytest.mark.slow
+def test_the_run_writes_a_loss_curve_with_every_phase_and_links_it(smoke_run: Path) -> None:
+    import json
+
+    from cft_adapters.loss_curve import phase_losses
+
+    png = (smoke_run / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    assert "![training loss per phase](loss_curve.png)" in (smoke_run / "report.md").read_text()
+    manifest = RunManifest.read(smoke_run)
+    phases = phase_losses(smoke_run, manifest)
+    assert [label for label, _ in phases] == ["1 english", "2 french_german"]
+    logged = json.loads((smoke_run / "phase_2_french_german" / "train_log.json").read_text())
+    assert phases[1][1] == [(r["step"], r["loss"]) for r in logged if "loss" in r]
