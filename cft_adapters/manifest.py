@@ -141,11 +141,15 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("cft-adapters", "torch", "transformers", "trl", "peft", "bitsandbytes", "lm-eval", "datasets", "accelerate"):
+    for name in ("cft-adapters", "torch", "transformers", "trl", "peft", "bitsandbytes", "lm-eval", "datasets", "accelerate",
+                 "lingua-language-detector", "alpaca-eval"):  # language fidelity's detector; AlpacaEval's judging
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
+    from cft_adapters.metrics import LANGUAGE_ID
+
+    out["language_id"] = LANGUAGE_ID  # which detector scored language fidelity
     return out
 
 

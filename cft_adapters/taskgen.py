@@ -67,10 +67,10 @@ AYA_CODES = {
 # (metadata.cft; see cft_adapters/task_semantics.py). lm-eval's `include:` replaces a mapping whole, so
 # each generated file carries its family's full metadata and the templates carry none.
 FAMILIES: dict[str, tuple[float, str, str]] = {
-    "cft_smoke_ml": (1.0, "chrf", "smoke_ml"),
-    "cft_mini_ml": (1.0, "contains", "mini_ml"),
+    "cft_smoke_ml": (1.1, "chrf", "smoke_ml"),  # 1.1: langfid by lingua (was langid)
+    "cft_mini_ml": (1.1, "contains", "mini_ml"),  # 1.1: langfid by lingua
     "cft_xlsum": (1.0, "rougeL", "xlsum"),
-    "cft_langfid": (1.0, "langfid", "langfid"),
+    "cft_langfid": (1.1, "langfid", "langfid"),  # 1.1: langfid by lingua
 }
 # Bundled mini-study evaluation languages (lm_eval_tasks/cft_mini/data/ml_<lang>.jsonl).
 MINI_LANGUAGES = ["de", "es", "fr"]
