@@ -352,6 +352,9 @@ def study_main(argv: list[str] | None = None) -> int:
     console, err = Console(), Console(stderr=True)
     try:
         _quiet_libraries()
+        from cft_adapters.extras import require
+
+        require("study", "cft-study")
         from cft_adapters import study
 
         if args.dry_run:

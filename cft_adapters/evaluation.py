@@ -67,8 +67,10 @@ def check_eval_tasks(eval_cfg: EvalConfig, source: str, console: Any = None) -> 
     if eval_cfg.judge is not None and alpacaeval.judged_tasks(list(eval_cfg.tasks)):
         alpacaeval.check_judge(eval_cfg.judge, source)
     if console is not None:
+        from rich.markup import escape
+
         for task, why in skipped_tasks(eval_cfg).items():
-            console.print(f"[yellow]{task} skipped: {why}; EA is averaged without AlpacaEval[/]")
+            console.print(f"[yellow]{task} skipped: {escape(why)}; EA is averaged without AlpacaEval[/]")
 
 
 def limit_problems_of(eval_cfg: EvalConfig) -> list[str]:
@@ -91,6 +93,10 @@ def skipped_tasks(eval_cfg: EvalConfig) -> dict[str, str]:
     judged = alpacaeval.judged_tasks(list(eval_cfg.tasks))
     if not judged:
         return {}
+    from cft_adapters.extras import missing
+
+    if missing("alpaca"):
+        return dict.fromkeys(judged, "AlpacaEval's judging needs the 'alpaca' extra (pip install 'cft-adapters[alpaca]')")
     if eval_cfg.judge is None:  # a recipe's judge only: CFT_JUDGE_MODEL is for the stock lm_eval CLI
         why = "AlpacaEval needs a judge and eval.judge is not set (a local model, or an OpenAI-compatible endpoint)"
         return dict.fromkeys(judged, why)

@@ -100,12 +100,12 @@ def _checkpointing_args(config_class: Any, enabled: bool) -> dict[str, Any]:
 
 def check_liger(recipe: Recipe, source: str) -> None:
     """use_liger_kernel needs a CUDA GPU and the 'gpu' extra: said before any training."""
-    import importlib.util
 
     wants = [i for i in range(len(recipe.phases)) if recipe.phase_training(i).use_liger_kernel]
     if not wants:
         return
     if not torch.cuda.is_available():
         raise CftError(f"{source}: training.use_liger_kernel: Liger kernels need a CUDA GPU; none is visible")
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise CftError(f"{source}: training.use_liger_kernel: install the 'gpu' extra (pip install -e '.[gpu]')")
+    from cft_adapters.extras import require
+
+    require("gpu", f"{source}: training.use_liger_kernel")

@@ -75,6 +75,9 @@ def resolve_model_path(model: ModelConfig) -> str:
 def materialize_gguf(model: ModelConfig) -> Path:
     """Dequantize `gguf_file` once into `<cache>/gguf/<digest>/` (safetensors + tokenizer); a second
     process waits for the first one's build instead of racing it."""
+    from cft_adapters.extras import require
+
+    require("gguf", f"model.gguf_file ({model.gguf_file})")
     source = Path(model.name_or_path) / str(model.gguf_file)
     key = f"{model.name_or_path}|{model.gguf_file}|{model.revision}"
     if source.is_file():

@@ -99,7 +99,7 @@ def _print_eval_cost(recipe: Recipe, console: Console) -> None:
     ev = recipe.eval
     skipped = skipped_tasks(ev)
     for task, why in skipped.items():
-        console.print(f"[yellow]{task} skipped[/]: {why}; EA is averaged without AlpacaEval")
+        console.print(f"[yellow]{task} skipped[/]: {escape(why)}; EA is averaged without AlpacaEval")
     paths: dict[str, tuple[str, ...]] = {}
     units = list(classify([t for t in ev.tasks if t not in skipped], paths=paths))
     cost = eval_cost.checkpoint_cost(units, ev.limit, ev.limits, paths, recipe.model.name_or_path)

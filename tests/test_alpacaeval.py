@@ -128,3 +128,15 @@ def test_the_smoke_run_records_a_win_rate_for_every_phase(smoke_run) -> None:
         assert math.isfinite(value) and 0 <= value <= 1, record.name
         assert "win_rate" in record.eval["cft_smoke_alpacaeval"]
         assert record.eval_settings["judge"]["model"] == "builtin:tiny-mistral"
+
+
+def test_without_the_alpaca_extra_the_member_is_skipped_and_says_which_extra(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "alpaca_eval" else real(name, *a))
+    cfg = EvalConfig(tasks=["cft_smoke_en", "cft_smoke_alpacaeval"], judge=JUDGE)
+    assert scored_tasks(cfg) == ["cft_smoke_en"]
+    console = Console(record=True, width=200)
+    check_eval_tasks(cfg, "smoke.yaml", console)
+    assert "pip install 'cft-adapters[alpaca]'" in console.export_text()

@@ -20,8 +20,33 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def _requirements() -> dict[str, Requirement]:
-    deps = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["dependencies"]
-    return {Requirement(d).name: Requirement(d) for d in deps}
+    """The core dependencies and every extra's (the test extra's self-reference aside)."""
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    deps = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    return {Requirement(d).name: Requirement(d) for d in deps if Requirement(d).name != "cft-adapters"}
+
+
+def test_every_extra_the_code_names_is_declared_and_the_test_extra_installs_them_all() -> None:
+    from cft_adapters.extras import EXTRAS
+
+    extras = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert set(EXTRAS) <= set(extras)
+    test_self = next(Requirement(d) for d in extras["test"] if Requirement(d).name == "cft-adapters")
+    assert set(EXTRAS) - {"gpu"} <= test_self.extras  # gpu (Liger) needs CUDA; everything else is tested
+
+
+def test_a_missing_extra_names_itself(monkeypatch) -> None:
+    import importlib.util
+
+    from cft_adapters.errors import CftError
+    from cft_adapters.extras import require
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(CftError, match=r"cft-study needs the 'study' extra \(scipy is not installed\): "
+                                        r"pip install 'cft-adapters\[study\]'"):
+        require("study", "cft-study")
+    require("analysis", "cft-analyze similarity")  # installed: nothing raised
 
 
 @pytest.mark.parametrize("package", ["trl", "peft", "bitsandbytes", "transformers", "lm-eval", "alpaca-eval"])

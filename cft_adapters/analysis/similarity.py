@@ -33,10 +33,10 @@ def verdict(des: float) -> str:
 
 
 def load_encoder(name: str) -> Any:
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        raise CftError(f"--encoder: sentence-transformers is not installed ({exc})") from None
+    from cft_adapters.extras import require
+
+    require("analysis", "cft-analyze similarity")
+    from sentence_transformers import SentenceTransformer
     try:
         return SentenceTransformer(name, device="cuda" if _cuda() else "cpu")
     except Exception as exc:  # hub errors, missing files, wrong format: the user needs the name and the cause
