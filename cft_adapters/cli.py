@@ -303,8 +303,13 @@ def analyze_main(argv: list[str] | None = None) -> int:
             say(f"DES {result.phases[0]} vs {result.phases[1]} ({name}): {result.des:.4f}  ->  {result.verdict}")
             for lang, value in result.per_language.items():
                 say(f"  {result.phases[0]} vs {result.phases[1]} [{lang}]: {value:.4f}")
-            say("verdict thresholds: similar >= 0.88, dissimilar <= 0.79, placed between the paper's two "
-                          "reference points (0.924 similar, 0.746 dissimilar); two points, not a calibrated model.")
+            from cft_adapters.analysis.similarity import VERDICT_THRESHOLDS as T
+
+            say(f"verdict thresholds: similar >= {T['similar']}, dissimilar <= {T['dissimilar']}, calibrated on the "
+                "paper's three LaBSE points (0.924 similar; 0.792 and 0.746 dissimilar).")
+            if not result.calibrated:
+                say(f"note: the encoder is {name}, not LaBSE: the thresholds do not transfer to its cosines; read "
+                    "the DES against pairs you measured with the same encoder, not against the verdict")
             say(f"wrote {out}")
             return 0
         from cft_adapters.analysis.mpd import DEFAULT_TOKEN_BUDGET, model_parameter_difference, plot_mpd

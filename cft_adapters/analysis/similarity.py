@@ -2,9 +2,14 @@
 phases' instructions. With a language-agnostic encoder (LaBSE, the default) it measures what the
 instructions ask for rather than which language they are written in.
 
-The paper reports DES 0.924 for a similar pair (Alpaca → MultiAlpaca) and 0.746 for a dissimilar
-one. The verdict thresholds sit between those two points (VERDICT_THRESHOLDS): two points, not a
-calibrated model, so anything between them is "unclear".
+Verdicts are calibrated on the paper's three published points, all measured with LaBSE
+(PAPER_POINTS): Alpaca–MultiAlpaca 0.924 (similar), Alpaca–mOpenOrca 0.792 (called low similarity)
+and the vendor Instruct data–MultiAlpaca 0.746 (dissimilar). The boundary is the midpoint between
+the closest points of the two kinds, (0.792 + 0.924) / 2 = 0.858, with an "unclear" band of a quarter
+of that gap on either side: similar at 0.891 or above, dissimilar at 0.825 or below
+(VERDICT_THRESHOLDS). Three points, so a rule that agrees with all of them, not a fitted model. The
+thresholds hold for LaBSE only: another encoder's cosines live on another scale, and the result says
+that its verdict is not calibrated.
 """
 
 from __future__ import annotations
@@ -20,8 +25,17 @@ from cft_adapters.errors import CftError
 from cft_adapters.recipe import Recipe
 
 DEFAULT_ENCODER = "sentence-transformers/LaBSE"
-PAPER_POINTS = {"similar": 0.924, "dissimilar": 0.746}
-VERDICT_THRESHOLDS = {"similar": 0.88, "dissimilar": 0.79}
+# The paper's published DES values (LaBSE), each with the verdict the paper gives it.
+PAPER_POINTS = {
+    "Alpaca-MultiAlpaca": (0.924, "similar"),
+    "Alpaca-mOpenOrca": (0.792, "dissimilar"),  # "low similarity"
+    "Instruct-MultiAlpaca": (0.746, "dissimilar"),
+}
+_LOW_SIMILAR = min(v for v, kind in PAPER_POINTS.values() if kind == "similar")
+_HIGH_DISSIMILAR = max(v for v, kind in PAPER_POINTS.values() if kind == "dissimilar")
+_BOUNDARY, _BAND = (_LOW_SIMILAR + _HIGH_DISSIMILAR) / 2, (_LOW_SIMILAR - _HIGH_DISSIMILAR) / 4
+VERDICT_THRESHOLDS = {"similar": round(_BOUNDARY + _BAND, 3), "dissimilar": round(_BOUNDARY - _BAND, 3)}
+CALIBRATED_ENCODERS = ("sentence-transformers/LaBSE",)
 
 
 def verdict(des: float) -> str:
@@ -86,11 +100,17 @@ class SimilarityResult:
     per_language: dict[str, float]
     verdict: str
 
+    @property
+    def calibrated(self) -> bool:
+        """The thresholds come from LaBSE's cosines; another encoder's do not transfer."""
+        return self.encoder in CALIBRATED_ENCODERS
+
     def to_json(self) -> dict[str, Any]:
         return {
             "phases": list(self.phases), "encoder": self.encoder, "examples": list(self.examples), "des": self.des,
-            "per_language": self.per_language, "verdict": self.verdict,
-            "thresholds": VERDICT_THRESHOLDS, "paper_reference_points": PAPER_POINTS,
+            "per_language": self.per_language, "verdict": self.verdict, "verdict_calibrated": self.calibrated,
+            "thresholds": VERDICT_THRESHOLDS,
+            "paper_reference_points": {k: {"des": v, "verdict": kind} for k, (v, kind) in PAPER_POINTS.items()},
         }
 
 
