@@ -239,7 +239,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
     mpd.add_argument("--out", help="JSON output (default: <output_dir>/analysis/mpd.json; a PNG beside it)")
     drift = sub.add_parser("drift", help="per-layer representation drift between consecutive checkpoints of a run")
     drift.add_argument("run_dir")
-    drift.add_argument("--probe", help="JSON Lines with a 'prompt' field (default: held-out English prompts)")
+    drift.add_argument("--probe", help="JSON Lines with a 'prompt' field (default: the bundled 88 general English instructions)")
     drift.add_argument("--batch-size", type=int, default=8)
     drift.add_argument("--out", help="JSON output (default: <run_dir>/analysis/drift.json; a PNG beside it)")
     drift.add_argument("--trust-remote-code", action="store_true",

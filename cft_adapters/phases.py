@@ -201,11 +201,13 @@ class PhaseRunner:
         return self.manifest
 
     def _drift(self) -> None:
-        from cft_adapters.analysis.drift import default_probe, drift_outputs, plot_drift, run_drift
+        from cft_adapters.analysis.drift import default_probe, drift_outputs, plot_drift, read_probe, run_drift
 
         out, png = drift_outputs(self.run_dir)
+        probe = self.recipe.analysis.drift_probe
+        prompts = read_probe(Path(probe)) if probe else default_probe()
         # This run's own recipe asked for the model's code (or not): no second question here.
-        result = run_drift(self.run_dir, default_probe(), self.console, allow_remote_code=self.recipe.model.trust_remote_code)
+        result = run_drift(self.run_dir, prompts, self.console, allow_remote_code=self.recipe.model.trust_remote_code)
         write_atomic(out, json.dumps(result, indent=2) + "\n")
         plot_drift(result, png)
         self.console.print(f"drift: {out} and {png}")

@@ -514,6 +514,22 @@ class AnalysisConfig(_Strict):
         False, description="After the run, write analysis/drift.json and drift.png: per-layer representation drift "
         "between consecutive checkpoints on held-out English prompts (cft-analyze drift)."
     )
+    drift_probe: str | None = Field(
+        None, description="JSON Lines of {prompt} the drift analysis probes with, relative to the recipe file. None: "
+        "the bundled general English instructions (88, in the MT-Bench spirit: writing, reasoning, maths, coding, "
+        "extraction, STEM, humanities, role-play).",
+    )
+
+    @field_validator("drift_probe")
+    @classmethod
+    def _probe_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        path = Path(value).expanduser()
+        path = (path if path.is_absolute() else Path((info.context or {}).get("base_dir", ".")) / path).resolve()
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return str(path)
 
 
 class Recipe(_Strict):

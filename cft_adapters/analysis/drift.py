@@ -22,14 +22,17 @@ from cft_adapters import modeling
 from cft_adapters.errors import CftError
 from cft_adapters.evaluation import CheckpointScorer, eval_model_config, training_precision
 from cft_adapters.manifest import RunManifest
-from cft_adapters.tasks_path import tasks_dir
 from cft_adapters.util.jsonl import read_jsonl
 from cft_adapters.util.plot import pyplot, save_figure
 
 
+PROBE_FILE = Path(__file__).resolve().parents[1] / "data" / "probes" / "general_en.jsonl"
+
+
 def default_probe() -> list[str]:
-    path = tasks_dir() / "cft_smoke" / "data" / "en_gen.jsonl"
-    return [row["prompt"] for row in read_jsonl(path)]
+    """88 general English instructions written for this project in the MT-Bench spirit (11 each of
+    writing, reasoning, maths, coding, extraction, STEM, humanities, role-play)."""
+    return [row["prompt"] for row in read_jsonl(PROBE_FILE)]
 
 
 def read_probe(path: Path) -> list[str]:

@@ -107,3 +107,23 @@ def test_cft_train_writes_drift_when_the_recipe_asks(tmp_path) -> None:
     assert main([str(SMOKE), f"output_dir={out}", "eval.tasks=[]", "analysis.drift=true", "training.max_steps=3"]) == 0
     result = json.loads((out / "analysis" / "drift.json").read_text())
     assert len(result["transitions"]) == 2 and (out / "analysis" / "drift.png").is_file()
+
+
+def test_the_bundled_drift_probe_is_a_general_english_instruction_set(tmp_path) -> None:
+    import json
+    from collections import Counter
+
+    from cft_adapters.analysis.drift import PROBE_FILE, default_probe
+    from cft_adapters.errors import CftError
+    from cft_adapters.recipe import load_recipe
+
+    prompts = default_probe()
+    rows = [json.loads(line) for line in PROBE_FILE.read_text(encoding="utf-8").splitlines()]
+    assert len(prompts) >= 80 and len(set(prompts)) == len(prompts)
+    assert Counter(r["category"] for r in rows) == dict.fromkeys(
+        ["writing", "reasoning", "math", "coding", "extraction", "stem", "humanities", "roleplay"], 11)
+    own = tmp_path / "probe.jsonl"
+    own.write_text(json.dumps({"prompt": "Say hello."}) + "\n")
+    assert load_recipe(SMOKE, [f"analysis.drift_probe={own}"]).analysis.drift_probe == str(own)
+    with pytest.raises(CftError, match=r"analysis\.drift_probe: file not found"):
+        load_recipe(SMOKE, ["analysis.drift_probe=no_such_probe.jsonl"])
