@@ -321,8 +321,9 @@ def analyze_main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else default_dir / "mpd.json"
         _write_json(out, result)
         plot_mpd(result, out.with_suffix(".png"))
-        say(f"MPD {result['phases'][0]} vs {result['phases'][1]}: {result['total']:.4f} "
-                      f"(probe adapters at {result['token_budget']} tokens)")
+        say(f"MPD {result['phases'][0]} vs {result['phases'][1]}: {result['total']:.6g} (the paper's: mean L2 distance "
+            f"per adapted weight matrix, over {result['matrices']}); normalised: {result['normalised']['total']:.4f} "
+            f"(0 identical, 1 opposite); probe adapters at {result['token_budget']} tokens")
         say(f"wrote {out} and {out.with_suffix('.png')}")
         return 0
     except CftError as exc:

@@ -1,13 +1,20 @@
 """MPD (model parameter difference): how far apart two fine-tunes of the same base land.
 
 For phases a and b, a short probe adapter is trained on each phase's data alone, from the same base,
-the same seed (so the same LoRA init) and the same token budget, with the recipe's own trainer. With
-Δ = scale·B·A per adapted module (scale = alpha / r), per layer and in total:
+the same seed (so the same LoRA init) and the same token budget, with the recipe's own trainer. The
+two fine-tuned models are W0 + Δ_a and W0 + Δ_b, with Δ = scale·B·A per adapted weight matrix
+(scale = alpha / r), so W_a − W_b = Δ_a − Δ_b and every weight the adapters do not touch is equal.
 
-    MPD = ‖Δ_a − Δ_b‖_F / (‖Δ_a‖_F + ‖Δ_b‖_F)
+- **MPD, the paper's way** (`total`, `per_layer`; the default): the mean over the adapted weight
+  matrices of the L2 (Frobenius) distance between the two fine-tuned weights, ‖Δ_a − Δ_b‖_F. Not
+  normalised: its scale is the model's and the probes'. The paper's 0.29 (similar) vs 1.00
+  (dissimilar) read as values relative to its dissimilar pair; compare ratios of pairs measured the
+  same way, not the absolute numbers.
+- **Normalised MPD** (`normalised`; ours): ‖Δ_a − Δ_b‖_F / (‖Δ_a‖_F + ‖Δ_b‖_F), per layer and in
+  total: 0 for identical updates, 1 for opposite ones (the triangle inequality bounds it to [0, 1]).
 
-0 means identical updates, 1 opposite ones (the triangle inequality bounds it to [0, 1]). The
-probe adapters are cached by their settings, so a second call only computes.
+The probe adapters are cached by their settings (model, adapter, training, data), so a second call
+only computes the distances.
 """
 
 from __future__ import annotations
@@ -36,21 +43,34 @@ def mpd(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], scal
     if set(da) != set(db):
         raise CftError("the two adapters cover different modules; MPD needs the same adapter layout")
     sums: dict[int | None, list[float]] = {}
+    distances: dict[int | None, list[float]] = {}
     for path in da:
         diff = float(torch.linalg.matrix_norm(da[path] - db[path]) ** 2)
         na, nb = float(torch.linalg.matrix_norm(da[path]) ** 2), float(torch.linalg.matrix_norm(db[path]) ** 2)
-        acc = sums.setdefault(layer_of(path + "."), [0.0, 0.0, 0.0])
+        layer = layer_of(path + ".")
+        acc = sums.setdefault(layer, [0.0, 0.0, 0.0])
         acc[0] += diff
         acc[1] += na
         acc[2] += nb
+        distances.setdefault(layer, []).append(diff**0.5)
 
     def ratio(d: float, a: float, b: float) -> float:
         denom = a**0.5 + b**0.5
         return d**0.5 / denom if denom > 0 else 0.0
 
-    per_layer = {str(k): ratio(*v) for k, v in sorted(sums.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))}
-    total = ratio(*(sum(v[i] for v in sums.values()) for i in range(3)))
-    return {"total": total, "per_layer": per_layer}
+    order = sorted(sums, key=lambda k: (k is None, k or 0))
+    every = [d for layer in order for d in distances[layer]]
+    return {
+        "definition": "mean over the adapted weight matrices of the L2 distance between the two fine-tuned weights",
+        "total": sum(every) / len(every) if every else 0.0,
+        "per_layer": {str(k): sum(distances[k]) / len(distances[k]) for k in order},
+        "matrices": len(every),
+        "normalised": {
+            "definition": "||D_a - D_b||_F / (||D_a||_F + ||D_b||_F): 0 identical updates, 1 opposite",
+            "total": ratio(*(sum(v[i] for v in sums.values()) for i in range(3))),
+            "per_layer": {str(k): ratio(*sums[k]) for k in order},
+        },
+    }
 
 
 def probe_recipe(recipe: Recipe, index: int, token_budget: int) -> Recipe:
@@ -103,7 +123,7 @@ def plot_mpd(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(layers) + 2), 3))
     ax.bar([int(k) for k in layers], [result["per_layer"][k] for k in layers], color="#4472c4")
     ax.set_xlabel("layer")
-    ax.set_ylabel("MPD")
+    ax.set_ylabel("MPD (mean L2 distance per matrix)")
     ax.set_title(f"MPD {result['phases'][0]} vs {result['phases'][1]}: total {result['total']:.3f}")
     fig.tight_layout()
     save_figure(fig, path)

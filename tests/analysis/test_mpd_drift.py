@@ -19,8 +19,16 @@ def test_mpd_formula_on_constructed_adapters() -> None:
     a = {"m.layers.0.q.lora_A.weight": torch.randn(2, 6, generator=g), "m.layers.0.q.lora_B.weight": torch.randn(6, 2, generator=g)}
     same = mpd(a, a, 2.0)
     assert same["total"] == 0.0 and same["per_layer"] == {"0": 0.0}
+    assert same["normalised"]["total"] == 0.0 and same["normalised"]["per_layer"] == {"0": 0.0}
     flipped = {k: (-v if ".lora_B." in k else v) for k, v in a.items()}
-    assert mpd(a, flipped, 2.0)["total"] == pytest.approx(1.0)
+    opposite = mpd(a, flipped, 2.0)
+    assert opposite["normalised"]["total"] == pytest.approx(1.0)
+    # the paper's way: the mean over matrices of ||W_a - W_b||_F, here ||2 * scale * B A|| for each
+    from cft_adapters.placement import lora_updates
+
+    updates = lora_updates(a, 2.0)
+    expected = sum(float(torch.linalg.matrix_norm(2 * d)) for d in updates.values()) / len(updates)
+    assert opposite["total"] == pytest.approx(expected) and opposite["matrices"] == len(updates)
 
 
 def _recipe(tmp_path: Path) -> Path:
