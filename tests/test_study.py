@@ -65,7 +65,7 @@ def test_a_bad_condition_override_names_the_condition(tmp_path: Path, capsys) ->
     assert "conditions[1] (broken)" in err and "training.learning_rat" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "full.yaml"])
+@pytest.mark.parametrize("name", ["quick.yaml", "full.yaml", "confound.yaml"])
 def test_shipped_study_files_validate_with_every_condition(name: str) -> None:
     from cft_adapters.study import load_cells, phase_keys
 
