@@ -245,6 +245,11 @@ def _analyze_parser() -> argparse.ArgumentParser:
     drift.add_argument("--trust-remote-code", action="store_true",
                        help="honour model.trust_remote_code: true in the run's recipe.resolved.yaml (runs the model "
                        "repository's code); refused by default, since a run directory may come from anyone")
+    compare = sub.add_parser("drift-compare", help="per-layer ratio of covariance shift between two groups of runs")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="group A's run directories, then --, then group B's")
+    compare.add_argument("--labels", default="A,B", help="names of the two groups, e.g. similar,dissimilar")
+    compare.add_argument("--out", required=True, help="JSON output (a PNG beside it)")
+    compare.add_argument("--batch-size", type=int, default=8)
     return parser
 
 
@@ -261,11 +266,56 @@ def _two_phases(recipe, spec: str | None) -> tuple[int, int]:
     return names.index(wanted[0]), names.index(wanted[1])
 
 
+def _drift_compare(args: Any, console: Console, say: Any) -> int:
+    from pathlib import Path
+
+    from cft_adapters.analysis.drift import default_probe, plot_drift, run_drift
+    from cft_adapters.analysis.drift_compare import compare, plot_compare, run_shift
+
+    if args.raw.count("--") != 1:
+        raise CftError("drift-compare: give group A's runs, then --, then group B's (e.g. runs/sim_* -- runs/dis_*)")
+    split = args.raw.index("--")
+    groups = [[Path(r) for r in args.raw[:split]], [Path(r) for r in args.raw[split + 1:]]]
+    if not groups[0] or not groups[1]:
+        raise CftError("drift-compare: each group needs at least one run directory")
+    labels = tuple(args.labels.split(",")) if args.labels.count(",") == 1 else ("A", "B")
+    prompts = default_probe()
+
+    def compute(run_dir: Path, probe: list[str]) -> dict:
+        result = run_drift(run_dir, probe, console, args.batch_size)
+        (run_dir / "analysis").mkdir(exist_ok=True)
+        _write_json(run_dir / "analysis" / "drift.json", result)
+        plot_drift(result, run_dir / "analysis" / "drift.png")
+        return result
+
+    shifts = [[run_shift(r, prompts, console, compute) for r in group] for group in groups]
+    result = compare(*shifts)
+    result.update({"groups": {labels[0]: [str(r) for r in groups[0]], labels[1]: [str(r) for r in groups[1]]},
+                   "probe_prompts": len(prompts)})
+    out = Path(args.out)
+    _write_json(out, result)
+    plot_compare(result, out.with_suffix(".png"), labels)
+    say(f"covariance shift of the last transition, {labels[1]} / {labels[0]}, per layer "
+        f"(n = {result['n_a']} vs {result['n_b']}; {result['interval']}):")
+    for row in result["layers"]:
+        ci = f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if row["ci_low"] is not None else ""
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        say(f"  layer {row['layer']:>2}: {labels[0]} {row['mean_a']:.4f}  {labels[1]} {row['mean_b']:.4f}  ratio {ratio}{ci}")
+    say(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def analyze_main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    raw = []
+    if argv and argv[0] == "drift-compare":  # argparse drops a bare '--'; the groups are split on it here
+        raw = [a for a in argv[1:] if not a.startswith("--") or a == "--"]
+        argv = [a for a in argv if a != "--"]
     args = _analyze_parser().parse_args(argv)
+    args.raw = [a for a in raw if a == "--" or a in args.runs] if argv[0:1] == ["drift-compare"] else []
     console, err = Console(), Console(stderr=True)
 
     def say(text: str) -> None:
@@ -287,6 +337,8 @@ def analyze_main(argv: list[str] | None = None) -> int:
                               f"min CKA {min(t['cka']):.4f} (layers {result['layers']})")
             say(f"wrote {out} and {png}")
             return 0
+        if args.command == "drift-compare":
+            return _drift_compare(args, console, say)
         from cft_adapters.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)

@@ -135,3 +135,41 @@ def test_the_bundled_drift_probe_is_a_general_english_instruction_set(tmp_path) 
     assert load_recipe(SMOKE, [f"analysis.drift_probe={own}"]).analysis.drift_probe == str(own)
     with pytest.raises(CftError, match=r"analysis\.drift_probe: file not found"):
         load_recipe(SMOKE, ["analysis.drift_probe=no_such_probe.jsonl"])
+
+
+@pytest.mark.slow
+def test_drift_compare_writes_a_per_layer_ratio_with_intervals_over_seeds(tmp_path, capsys) -> None:
+    from cft_adapters.cli import main
+
+    runs = {"similar": [], "dissimilar": []}
+    phase2 = {"similar": "[{name: more_english, datasets: [{path: 'builtin:smoke/en_tasks.jsonl', language: en}]}]",
+              "dissimilar": "[{name: french_german, datasets: [{path: 'builtin:smoke/multi_fr_de.jsonl', format: messages, "
+                            "language_column: lang}]}]"}
+    for group, second in phase2.items():
+        for seed in (0, 1):
+            out = tmp_path / f"{group}_{seed}"
+            recipe = load_recipe(SMOKE)
+            first = recipe.phases[0]
+            assert main([str(SMOKE), f"output_dir={out}", "eval.tasks=[]", "training.max_steps=6", f"training.seed={seed}",
+                         f"phases=[{{name: english, datasets: [{{path: '{first.datasets[0].path}', language: en}}]}}, "
+                         + second[1:]]) == 0
+            runs[group].append(str(out))
+    capsys.readouterr()
+    out = tmp_path / "compare.json"
+    assert analyze_main(["drift-compare", *runs["similar"], "--", *runs["dissimilar"], "--labels", "similar,dissimilar",
+                         "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_a"] == 2 and result["n_b"] == 2 and result["groups"]["dissimilar"] == runs["dissimilar"]
+    assert len(result["layers"]) == 5  # the tiny model: embeddings + 4 blocks
+    for row in result["layers"][1:]:
+        assert row["ratio"] == pytest.approx(row["mean_b"] / row["mean_a"])
+        assert row["ci_low"] <= row["ratio"] <= row["ci_high"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "dissimilar / similar" in printed and "layer  4" in printed
+    # each run's drift was computed once and written beside it; a second comparison reuses it
+    stamp = (Path(runs["similar"][0]) / "analysis" / "drift.json").stat().st_mtime_ns
+    assert analyze_main(["drift-compare", *runs["similar"], "--", *runs["dissimilar"], "--out", str(out)]) == 0
+    assert (Path(runs["similar"][0]) / "analysis" / "drift.json").stat().st_mtime_ns == stamp
+    assert analyze_main(["drift-compare", *runs["similar"], "--out", str(out)]) == 2
+    assert "then --, then group B's" in capsys.readouterr().err
