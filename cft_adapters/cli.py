@@ -245,6 +245,10 @@ def _analyze_parser() -> argparse.ArgumentParser:
     drift.add_argument("--trust-remote-code", action="store_true",
                        help="honour model.trust_remote_code: true in the run's recipe.resolved.yaml (runs the model "
                        "repository's code); refused by default, since a run directory may come from anyone")
+    pred = sub.add_parser("predict", help="fit phase-2 forgetting against DES over a study's cells; write the model")
+    pred.add_argument("study_dir", help="a cft-study output_dir with finished cells")
+    pred.add_argument("--encoder", help="sentence encoder for DES (default: sentence-transformers/LaBSE)")
+    pred.add_argument("--out", help="model file (default: <study_dir>/forgetting_model.json; a PNG beside it)")
     compare = sub.add_parser("drift-compare", help="per-layer ratio of covariance shift between two groups of runs")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="group A's run directories, then --, then group B's")
     compare.add_argument("--labels", default="A,B", help="names of the two groups, e.g. similar,dissimilar")
@@ -339,6 +343,24 @@ def analyze_main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "drift-compare":
             return _drift_compare(args, console, say)
+        if args.command == "predict":
+            from cft_adapters.analysis.predict import MODEL_FILE, fit, plot_fit, study_points
+            from cft_adapters.analysis.similarity import DEFAULT_ENCODER, load_encoder
+
+            name = args.encoder or DEFAULT_ENCODER
+            model = fit(study_points(Path(args.study_dir), load_encoder(name), name), name)
+            out = Path(args.out) if args.out else Path(args.study_dir) / MODEL_FILE
+            _write_json(out, model)
+            plot_fit(model, out.with_suffix(".png"))
+            def num(value: float | None, spec: str) -> str:
+                return "-" if value is None else format(value, spec)
+
+            lo, hi = model["slope_ci95"]
+            say(f"forgetting = {model['intercept']:.4f} + {model['slope']:.4f} * DES  (slope 95% CI [{num(lo, '.4f')}, "
+                f"{num(hi, '.4f')}], R² {num(model['r2'], '.3f')}, p {num(model['p_value'], '.3g')}, n {model['n']})")
+            say(f"{model['caveat']}; encoder {name}")
+            say(f"wrote {out} and {out.with_suffix('.png')}; use it with analysis.forgetting_model in a recipe")
+            return 0
         from cft_adapters.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)

