@@ -270,16 +270,19 @@ def _two_phases(recipe, spec: str | None) -> tuple[int, int]:
     return names.index(wanted[0]), names.index(wanted[1])
 
 
+GROUP_SPLIT = "\0--"  # stands for drift-compare's '--' between the two groups of runs
+
+
 def _drift_compare(args: Any, console: Console, say: Any) -> int:
     from pathlib import Path
 
     from cft_adapters.analysis.drift import default_probe, plot_drift, run_drift
     from cft_adapters.analysis.drift_compare import compare, plot_compare, run_shift
 
-    if args.raw.count("--") != 1:
+    if args.runs.count(GROUP_SPLIT) != 1:
         raise CftError("drift-compare: give group A's runs, then --, then group B's (e.g. runs/sim_* -- runs/dis_*)")
-    split = args.raw.index("--")
-    groups = [[Path(r) for r in args.raw[:split]], [Path(r) for r in args.raw[split + 1:]]]
+    split = args.runs.index(GROUP_SPLIT)
+    groups = [[Path(r) for r in args.runs[:split]], [Path(r) for r in args.runs[split + 1:]]]
     if not groups[0] or not groups[1]:
         raise CftError("drift-compare: each group needs at least one run directory")
     labels = tuple(args.labels.split(",")) if args.labels.count(",") == 1 else ("A", "B")
@@ -314,12 +317,9 @@ def analyze_main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
-    raw = []
-    if argv and argv[0] == "drift-compare":  # argparse drops a bare '--'; the groups are split on it here
-        raw = [a for a in argv[1:] if not a.startswith("--") or a == "--"]
-        argv = [a for a in argv if a != "--"]
+    if argv[:1] == ["drift-compare"]:  # argparse would swallow a bare '--': it becomes a marker among the runs
+        argv = [GROUP_SPLIT if a == "--" else a for a in argv]
     args = _analyze_parser().parse_args(argv)
-    args.raw = [a for a in raw if a == "--" or a in args.runs] if argv[0:1] == ["drift-compare"] else []
     console, err = Console(), Console(stderr=True)
 
     def say(text: str) -> None:

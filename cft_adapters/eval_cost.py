@@ -59,6 +59,18 @@ def limit_for(names: tuple[str, ...], limits: dict[str, int]) -> int | None:
     return limits[max(matching, key=len)] if matching else None
 
 
+def examples_limit(names: tuple[str, ...], limits: dict[str, int], limit: float | None,
+                   size: int | None = None) -> int | None:
+    """How many examples of a leaf task are scored: its `limits` entry (limit_for), else `limit`, a
+    count, or a fraction of `size` (None when the size is not known). None: the whole task."""
+    n = limit_for(names, limits)
+    if n is not None or limit is None:
+        return n
+    if limit >= 1:
+        return int(limit)
+    return math.ceil(size * limit) if size is not None else None
+
+
 def limit_problems(limits: dict[str, int], units: dict[str, tuple[str, ...]]) -> list[str]:
     """A limit that applies to nothing scored is a typo: one message per such key."""
     problems = []

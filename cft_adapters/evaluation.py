@@ -88,23 +88,21 @@ def skipped_tasks(eval_cfg: EvalConfig) -> dict[str, str]:
     """The requested AlpacaEval members that cannot be judged, with why: no judge is configured, or
     a limit leaves fewer examples than the length-controlled win rate's fit needs."""
     from cft_adapters import alpacaeval
-    from cft_adapters.eval_cost import limit_for
+    from cft_adapters.eval_cost import examples_limit
 
     judged = alpacaeval.judged_tasks(list(eval_cfg.tasks))
     if not judged:
         return {}
-    from cft_adapters.extras import missing
+    from cft_adapters.extras import install_hint, missing
 
     if missing("alpaca"):
-        return dict.fromkeys(judged, "AlpacaEval's judging needs the 'alpaca' extra (pip install 'cft-adapters[alpaca]')")
+        return dict.fromkeys(judged, f"AlpacaEval's judging needs the 'alpaca' extra ({install_hint('alpaca')})")
     if eval_cfg.judge is None:  # a recipe's judge only: CFT_JUDGE_MODEL is for the stock lm_eval CLI
         why = "AlpacaEval needs a judge and eval.judge is not set (a local model, or an OpenAI-compatible endpoint)"
         return dict.fromkeys(judged, why)
     out = {}
     for task in judged:
-        n = limit_for((task,), eval_cfg.limits)
-        if n is None and eval_cfg.limit is not None and eval_cfg.limit >= 1:
-            n = int(eval_cfg.limit)
+        n = examples_limit((task,), eval_cfg.limits, eval_cfg.limit)  # a fraction: size unknown here, not refused
         if n is not None and n < alpacaeval.MIN_ITEMS:
             out[task] = (f"a limit of {n} examples is below the {alpacaeval.MIN_ITEMS} the length-controlled win rate's "
                          f"cross-validated fit needs")
@@ -214,11 +212,9 @@ def leaf_samples(tasks: list[str], eval_cfg: EvalConfig) -> dict[str, list[int]]
     """{leaf task: the first n document indices} for lm-eval's `samples`: n is the leaf's limit in
     `eval_cfg.limits` (eval_cost.limit_for), else `eval_cfg.limit`; leaves with neither are scored
     whole (left out)."""
-    import math
-
     from lm_eval.tasks import get_task_dict
 
-    from cft_adapters.eval_cost import limit_for
+    from cft_adapters.eval_cost import examples_limit
 
     out: dict[str, list[int]] = {}
 
@@ -229,9 +225,7 @@ def leaf_samples(tasks: list[str], eval_cfg: EvalConfig) -> dict[str, list[int]]
                 visit(value, (name, *above))
                 continue
             size = len(value.eval_docs)
-            n = limit_for((name, *above), eval_cfg.limits)
-            if n is None and eval_cfg.limit is not None:
-                n = math.ceil(size * eval_cfg.limit) if eval_cfg.limit < 1 else int(eval_cfg.limit)
+            n = examples_limit((name, *above), eval_cfg.limits, eval_cfg.limit, size)
             if n is not None:
                 out[name] = list(range(min(n, size)))
 

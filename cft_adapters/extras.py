@@ -22,9 +22,13 @@ def missing(extra: str) -> list[str]:
     return [module for module in EXTRAS[extra] if importlib.util.find_spec(module) is None]
 
 
+def install_hint(extra: str) -> str:
+    return f"pip install 'cft-adapters[{extra}]'"
+
+
 def require(extra: str, what: str) -> None:
     """Raise a one-line error naming the extra `what` needs, when any of its modules is missing."""
     absent = missing(extra)
     if absent:
         raise CftError(f"{what} needs the '{extra}' extra ({', '.join(absent)} is not installed): "
-                       f"pip install 'cft-adapters[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
+                       f"{install_hint(extra)} (from a checkout: pip install -e '.[{extra}]')")

@@ -193,10 +193,12 @@ def read_run(run_dir: Path, given: str | None = None, hint: str | None = None, p
 
 
 def _judge(own: dict[str, Any] | None, recipe: Any) -> str | None:
-    judge = (own or {}).get("judge") or (recipe.eval.judge.model_dump() if recipe.eval.judge else None)
-    if not judge:
-        return None
-    return f"{judge['model']} at {judge['endpoint']}" if judge.get("endpoint") else f"{judge['model']} (local)"
+    from cft_adapters.alpacaeval import describe
+    from cft_adapters.recipe import JudgeConfig
+
+    recorded = (own or {}).get("judge")
+    judge = JudgeConfig.model_validate(recorded) if recorded else recipe.eval.judge
+    return describe(judge) if judge is not None else None
 
 
 def study_runs(study_dir: Path) -> list[tuple[Path, str]]:

@@ -27,10 +27,11 @@ def check_trackers(training: TrainingConfig, source: str) -> None:
     import importlib.util
 
     from cft_adapters.errors import RecipeError
+    from cft_adapters.extras import install_hint
 
     missing = [name for name in training.report_to if importlib.util.find_spec(MODULES[name]) is None]
     if missing:
-        hint = ("pip install 'cft-adapters[tracking]'" if missing == ["tensorboard"]
+        hint = (install_hint("tracking") if missing == ["tensorboard"]
                 else f"pip install {' '.join(m for m in missing if m != 'tensorboard')}")
         raise RecipeError([f"{source}: training.report_to: {', '.join(missing)} is not installed ({hint})"])
 
