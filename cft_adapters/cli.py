@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cft_adapters.errors import CftError, DataError
+from cft_adapters.errors import CftError, DataError, RecipeError
 
 USAGE_EPILOG = """examples:
   cft-train recipes/smoke.yaml
@@ -423,7 +423,46 @@ def _study_parser() -> argparse.ArgumentParser:
     parser.add_argument("study", help="the study YAML")
     parser.add_argument("--dry-run", action="store_true", help="validate the study and its recipes, list the cells, train nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite study.md/json/png from the finished cells, train nothing")
+    launch = parser.add_argument_group("launcher", "how the cells run (default: the study file's `launcher:`, else one "
+                                       "after another in this process); each flag overrides the study file")
+    launch.add_argument("--launcher", choices=["sequential", "local", "slurm"],
+                        help="sequential: in this process; local: each cell a submitit job on this machine; slurm: each "
+                        "cell a Slurm job (submitit)")
+    launch.add_argument("--max-parallel", type=int, metavar="N", help="cells running (or queued on Slurm) at once")
+    launch.add_argument("--partition", help="Slurm partition")
+    launch.add_argument("--account", help="Slurm account")
+    launch.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per cell (above 1: accelerate launch)")
+    launch.add_argument("--cpus-per-job", type=int, metavar="N", help="CPU cores per cell (Slurm --cpus-per-task)")
+    launch.add_argument("--mem-gb", type=float, metavar="GB", help="memory per cell (Slurm --mem)")
+    launch.add_argument("--time", type=int, metavar="MIN", dest="time_min", help="time limit per cell, minutes")
+    launch.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further sbatch parameter (repeatable), e.g. --sbatch qos=high")
+    launch.add_argument("--poll", type=float, metavar="SECONDS", dest="poll_seconds", help="how often the driver checks its jobs")
     return parser
+
+
+def _launcher_settings(args: argparse.Namespace, study_path: str) -> Any:
+    """The study file's launcher section with the command line's flags over it (validated the same way)."""
+    from pydantic import ValidationError
+
+    from cft_adapters.config_errors import validation_lines
+    from cft_adapters.study_config import LauncherSettings, load_study
+
+    base = load_study(study_path).launcher.model_dump()
+    flags = {k: getattr(args, k) for k in ("max_parallel", "partition", "account", "gpus_per_job", "cpus_per_job",
+                                           "mem_gb", "time_min", "poll_seconds") if getattr(args, k) is not None}
+    if args.launcher:
+        flags["kind"] = args.launcher
+    for item in args.sbatch:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError([f"--sbatch {item}: expected KEY=VALUE (e.g. --sbatch qos=high)"])
+        base["sbatch"][key.strip().removeprefix("--")] = value
+    try:
+        return LauncherSettings.model_validate({**base, **flags})
+    except ValidationError as exc:
+        raise RecipeError([line.replace(f"{study_path}: ", f"{study_path}: launcher.", 1)
+                           for line in validation_lines(exc, study_path, LauncherSettings)]) from None
 
 
 def study_main(argv: list[str] | None = None) -> int:
@@ -440,7 +479,8 @@ def study_main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             study.dry_run(args.study, console)
             return 0
-        return 0 if study.run_study(args.study, console, report_only=args.report_only) else 1
+        launcher = _launcher_settings(args, args.study)
+        return 0 if study.run_study(args.study, console, report_only=args.report_only, launcher=launcher) else 1
     except DataError as exc:
         return _report(err, exc, prefix=f"{args.study}: ")
     except CftError as exc:

@@ -38,8 +38,8 @@ from cft_adapters.errors import CftError
 from cft_adapters.recipe import Recipe
 from cft_adapters.rundir import claim
 from cft_adapters.util.fs import write_atomic
-from cft_adapters.study_cells import Cell, _state_key, cell_finished, load_cells, phase_keys, share_into  # noqa: F401  (re-exported)
-from cft_adapters.study_config import Study, StudyCondition, load_study  # noqa: F401  (re-exported)
+from cft_adapters.study_cells import Cell, _state_key, cell_finished, load_cells, phase_keys, planned_donor, share_into  # noqa: F401  (re-exported)
+from cft_adapters.study_config import LauncherSettings, Study, StudyCondition, load_study  # noqa: F401  (re-exported)
 from cft_adapters.study_summary import STUDY_JSON, STUDY_MD, STUDY_PNG, aggregate, summary_table, write_outputs  # noqa: F401  (re-exported)
 
 
@@ -144,19 +144,22 @@ def _read_budgets(saved: dict[str, Any]) -> dict[int, dict[str, dict[str, int]]]
             for s, conds in saved.items()}
 
 
-def run_study(study_path: str | Path, console: Console, report_only: bool = False) -> bool:
+def run_study(study_path: str | Path, console: Console, report_only: bool = False,
+              launcher: LauncherSettings | None = None) -> bool:
     """Run (or resume) every cell, then write the summary. Returns False when a cell failed. One
-    process owns a study's output folder (its cells.json), as one owns a run directory."""
+    process owns a study's output folder (its cells.json), as one owns a run directory. `launcher`
+    (default: the study file's) says whether cells run here one by one or as submitit jobs."""
     study_path = Path(study_path)
     study = load_study(study_path)
     lock = claim(Path(study.output_dir), str(study_path))
     try:
-        return _run_study(study, study_path, console, report_only)
+        return _run_study(study, study_path, console, report_only, launcher or study.launcher)
     finally:
         lock.release()
 
 
-def _run_study(study: Study, study_path: Path, console: Console, report_only: bool) -> bool:
+def _run_study(study: Study, study_path: Path, console: Console, report_only: bool,
+               launcher: LauncherSettings) -> bool:
     cells = load_cells(study, study_path)
     out = Path(study.output_dir)
     state_file = out / "cells.json"
@@ -176,43 +179,64 @@ def _run_study(study: Study, study_path: Path, console: Console, report_only: bo
     ok = True
     if not report_only:
         write_atomic(state_file, json.dumps(state, indent=2) + "\n")
-        for i, cell in enumerate(cells):
-            key = _state_key(cell)
-            if cell_finished(cell, state):
-                cell.status = "skipped"
-                state["cells"][key]["status"] = "done"  # e.g. a failed evaluation since retried with cft-eval
-                console.print(f"[bold]cell {i + 1}/{len(cells)}[/] {key}: finished, skipped")
-                continue
-            recorded = state["cells"].get(key, {}).get("keys")
-            if recorded is not None and recorded != phase_keys(cell.recipe) and (cell.run_dir / "run.json").is_file():
-                cell.status, ok = "stale", False
-                state["cells"][key]["status"] = "stale"
-                console.print(f"[red]cell {key}[/]: it ran under other settings than the study's now (model, adapter, "
-                              f"phases, token budget or evaluation changed). Its results are kept but not summarised; "
-                              f"use a new output_dir, or remove {cell.run_dir} to rerun it.")
-                continue
-            cell.shared = share_into(cell, cells[:i], state)
-            if cell.shared:
-                console.print(f"cell {key}: reusing {', '.join(cell.shared)} from an identical earlier cell")
-            console.rule(f"cell {i + 1}/{len(cells)}: {key}")
-            started = time.perf_counter()
-            try:
-                _run_cell(cell, console)
-                cell.status = "done"
-            except CftError as exc:
-                cell.status = "failed"
-                ok = False
-                for line in exc.problems:
-                    console.print(f"[red]cell {key} failed[/]: {line}", markup=True, highlight=False)
-            cell.wall_seconds = round(time.perf_counter() - started, 1)
-            state["cells"][key] = {"status": cell.status, "wall_seconds": cell.wall_seconds, "shared": cell.shared,
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "keys": phase_keys(cell.recipe)}
-            write_atomic(state_file, json.dumps(state, indent=2) + "\n")
-            write_outputs(study, study_path, cells, state, console, plot=False)
+        if launcher.kind == "sequential":
+            ok = _run_here(study, study_path, cells, state, state_file, console)
+        else:
+            from cft_adapters.study_launch import run_jobs
+
+            ok = run_jobs(study, study_path, cells, state, state_file, console, launcher)
     result = write_outputs(study, study_path, cells, state, console, plot=True)
     console.print(summary_table(result))
     console.print(f"study: {out / STUDY_MD}, {out / STUDY_JSON}, {out / STUDY_PNG}")
     return ok and not any(c["status"] in ("failed", "stale") for c in result["cells"])
+
+
+def _stale(cell: Cell, state: dict[str, Any], console: Console) -> bool:
+    """A cell that ran under other settings than the study's now: kept, never summarised (marked in `state`)."""
+    key = _state_key(cell)
+    recorded = state["cells"].get(key, {}).get("keys")
+    if recorded is None or recorded == phase_keys(cell.recipe) or not (cell.run_dir / "run.json").is_file():
+        return False
+    state["cells"][key]["status"] = "stale"
+    console.print(f"[red]cell {key}[/]: it ran under other settings than the study's now (model, adapter, "
+                  f"phases, token budget or evaluation changed). Its results are kept but not summarised; "
+                  f"use a new output_dir, or remove {cell.run_dir} to rerun it.")
+    return True
+
+
+def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str, Any], state_file: Path,
+              console: Console) -> bool:
+    """The sequential launcher: every cell in this process, one after another."""
+    ok = True
+    for i, cell in enumerate(cells):
+        key = _state_key(cell)
+        if cell_finished(cell, state):
+            cell.status = "skipped"
+            state["cells"][key]["status"] = "done"  # e.g. a failed evaluation since retried with cft-eval
+            console.print(f"[bold]cell {i + 1}/{len(cells)}[/] {key}: finished, skipped")
+            continue
+        if _stale(cell, state, console):
+            cell.status, ok = "stale", False
+            continue
+        cell.shared = share_into(cell, cells[:i], state)
+        if cell.shared:
+            console.print(f"cell {key}: reusing {', '.join(cell.shared)} from an identical earlier cell")
+        console.rule(f"cell {i + 1}/{len(cells)}: {key}")
+        started = time.perf_counter()
+        try:
+            _run_cell(cell, console)
+            cell.status = "done"
+        except CftError as exc:
+            cell.status = "failed"
+            ok = False
+            for line in exc.problems:
+                console.print(f"[red]cell {key} failed[/]: {line}", markup=True, highlight=False)
+        cell.wall_seconds = round(time.perf_counter() - started, 1)
+        state["cells"][key] = {"status": cell.status, "wall_seconds": cell.wall_seconds, "shared": cell.shared,
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "keys": phase_keys(cell.recipe)}
+        write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+        write_outputs(study, study_path, cells, state, console, plot=False)
+    return ok
 
 
 def _run_cell(cell: Cell, console: Console) -> None:
@@ -246,11 +270,7 @@ def dry_run(study_path: str | Path, console: Console) -> None:
     for col in ("cell", "recipe", "phases", "would reuse", "status"):
         table.add_column(col, overflow="fold")
     for i, cell in enumerate(cells):
-        keys = phase_keys(cell.recipe)
-        reuse = 0
-        for donor in cells[:i]:
-            dk = phase_keys(donor.recipe)
-            reuse = max(reuse, next((k for k in range(min(len(dk), len(keys))) if dk[k] != keys[k]), min(len(dk), len(keys))))
+        _, reuse = planned_donor(cell, cells[:i])
         names = ["base"] + [p.name for p in cell.recipe.run_phases()]
         table.add_row(_state_key(cell), cell.recipe_path, " → ".join(names),
                       ", ".join(names[:reuse]) or "-", "finished" if cell_finished(cell, state) else "to run")

@@ -27,6 +27,7 @@ class Cell:
     shared: list[str] = field(default_factory=list)
     status: str = "pending"  # pending | done | skipped | failed
     wall_seconds: float | None = None
+    overrides: list[str] = field(default_factory=list)  # what `cft-train recipe_path *overrides` needs to be this cell
 
 
 def _cell_dir(study: Study, condition: str, seed: int) -> Path:
@@ -55,15 +56,17 @@ def load_cells(study: Study, study_path: Path, budgets: dict[int, dict[str, dict
             recipe_path = (study_path.parent / cond.recipe)
             extra = [f"training.seed={seed}", f"output_dir={_cell_dir(study, cond.name, seed)}"]
             try:
-                recipe = load_recipe(recipe_path, [*study.overrides, *cond.overrides, *extra])
+                overrides = [*study.overrides, *cond.overrides, *extra]
+                recipe = load_recipe(recipe_path, overrides)
                 wanted = (budgets or {}).get(seed, {}).get(cond.name, {})
                 if wanted:
-                    recipe = load_recipe(recipe_path, [*study.overrides, *cond.overrides, *extra,
-                                                       *_budget_overrides(recipe, wanted)])
+                    overrides += _budget_overrides(recipe, wanted)
+                    recipe = load_recipe(recipe_path, overrides)
             except CftError as exc:
                 problems += [f"{study_path}: conditions[{i}] ({cond.name}): {p}" for p in exc.problems]
                 continue
-            cells.append(Cell(cond.name, seed, recipe, str(recipe_path), _cell_dir(study, cond.name, seed)))
+            cells.append(Cell(cond.name, seed, recipe, str(recipe_path), _cell_dir(study, cond.name, seed),
+                              overrides=overrides))
         if problems:  # the same problems would repeat for every seed
             break
     if problems:
@@ -99,6 +102,20 @@ def phase_keys(recipe: Recipe) -> list[str]:
     for k in range(1, len(recipe.run_phases()) + 1):
         keys.append(short_digest(phase_config_digest(recipe, k) + eval_part))
     return keys
+
+
+def planned_donor(cell: Cell, earlier: list[Cell]) -> tuple[Cell | None, int]:
+    """The earlier cell whose phases this one would reuse (the longest run of equal phase keys,
+    counting phase 0), and how many; (None, 0) when none shares even the base. Read from the
+    recipes, before anything ran: the plan the dry run prints and the launchers wait on."""
+    keys = phase_keys(cell.recipe)
+    best, best_n = None, 0
+    for donor in earlier:
+        dk = phase_keys(donor.recipe)
+        n = next((k for k in range(min(len(dk), len(keys))) if dk[k] != keys[k]), min(len(dk), len(keys)))
+        if n > best_n:
+            best, best_n = donor, n
+    return best, best_n
 
 
 def _finished_phases(manifest: RunManifest, keys_of_donor: list[str], keys: list[str]) -> int:

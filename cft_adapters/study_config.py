@@ -4,6 +4,7 @@ recipe's (config_errors): one line per key path, with a did-you-mean for unknown
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -19,6 +20,27 @@ class StudyCondition(_Strict):
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides for this condition, after the study's.")
 
 
+class LauncherSettings(_Strict):
+    """How the cells run: one after another in this process (`sequential`, the default), or each as
+    a submitit job, on this machine (`local`) or on a Slurm cluster (`slurm`). The command line's
+    --launcher, --max-parallel and Slurm flags override these."""
+
+    kind: Literal["sequential", "local", "slurm"] = Field("sequential", description="sequential | local | slurm.")
+    max_parallel: int = Field(1, ge=1, description="Cells running (or queued, on Slurm) at once.")
+    gpus_per_job: int = Field(0, ge=0, description="GPUs per cell; above 1 the cell runs under `accelerate launch`.")
+    cpus_per_job: int | None = Field(None, ge=1, description="CPU cores per cell (Slurm --cpus-per-task).")
+    mem_gb: float | None = Field(None, gt=0, description="Memory per cell in GB (Slurm --mem).")
+    time_min: int = Field(24 * 60, ge=1, description="Time limit per cell in minutes (Slurm --time; local: killed after it).")
+    partition: str | None = Field(None, description="Slurm partition.")
+    account: str | None = Field(None, description="Slurm account.")
+    sbatch: dict[str, str | int] = Field(
+        default_factory=dict, description="Further sbatch parameters, without '--' (e.g. {qos: high, constraint: a100}).")
+    setup: list[str] = Field(default_factory=list, description="Shell lines each job runs first (module load, conda activate).")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file for cells with gpus_per_job above 1 (relative to the study file).")
+    poll_seconds: float = Field(10.0, gt=0, description="How often the driver checks its jobs.")
+
+
 class Study(_Strict):
     description: str | None = Field(None, description="What the study compares.")
     output_dir: str = Field(description="Study directory; cells go to <output_dir>/cells/<condition>/seed_<s>/.")
@@ -27,6 +49,7 @@ class Study(_Strict):
     match_tokens: bool = Field(True, description="Give every condition the same token budget per phase.")
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides applied to every condition.")
     conditions: list[StudyCondition] = Field(min_length=1, description="The conditions, each a recipe plus overrides.")
+    launcher: LauncherSettings = Field(default_factory=LauncherSettings, description="How the cells run (see LauncherSettings).")
 
     @field_validator("seeds")
     @classmethod

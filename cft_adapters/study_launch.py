@@ -1,0 +1,409 @@
+"""cft-study's launchers: every cell one submitit job, on this machine (`local`) or on Slurm.
+
+`sequential` (study.py) runs the cells one after another in the driver's own process. With
+`local` or `slurm` the driver submits each cell as a job through submitit and waits for them:
+
+- **A job is the ordinary cft-train path.** It copies the donor cell's finished phases in (as the
+  sequential runner does), then runs `python -m cft_adapters.cli RECIPE OVERRIDES...` (`accelerate
+  launch ...` when the cell has more than one GPU) into the cell's own run directory. Its logs and
+  submitit's files land beside the run directory, in `cells/<condition>/seed_<s>.job/`.
+- **Dependencies.** A cell that reuses another's trained phases (phase 1 shared per seed) waits for
+  that cell: locally it is submitted once the donor finished; on Slurm it is submitted with
+  `--dependency=afterok:<donor job>` (and `--kill-on-invalid-dep=yes`, so a failed donor cancels
+  it). Sharing only the base's scores is no dependency (the phase-0 score cache serves them).
+- **At most `max_parallel`** cells are running (or queued on Slurm) at once.
+- **Idempotent and resumable.** Before a job is submitted the cell's phase keys and job id are
+  recorded in `cells.json`. A rerun skips finished cells, waits for a job of an earlier driver that
+  is still alive (locally: the job's lock is held; on Slurm: the recorded job is pending or
+  running), and submits only what is missing. A job takes the cell's lock (`seed_<s>.job/.cell.lock`)
+  before anything else, and cft-train takes the run directory's, so one cell never has two jobs
+  working on it.
+- A failed job's error (its last lines of stderr) reaches `cells.json` and the study summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cft_adapters.errors import CftError
+from cft_adapters.study_cells import Cell, _state_key, cell_finished, phase_keys, planned_donor, share_into
+from cft_adapters.study_config import LauncherSettings, Study
+from cft_adapters.util.fs import write_atomic
+
+CELL_LOCK = ".cell.lock"
+SPAN = "span.json"
+ERROR_LINES = 12
+
+
+def job_dir(run_dir: Path) -> Path:
+    """Where a cell's job files go: beside its run directory."""
+    return run_dir.with_name(run_dir.name + ".job")
+
+
+def dependencies(cells: list[Cell]) -> dict[str, str | None]:
+    """cell key -> the key of the cell it must wait for: the donor of its trained phases (sharing
+    only phase 0, the base's scores, is not waited for)."""
+    out: dict[str, str | None] = {}
+    for i, cell in enumerate(cells):
+        donor, n = planned_donor(cell, cells[:i])
+        out[_state_key(cell)] = _state_key(donor) if donor is not None and n >= 2 else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellJob:
+    """What one submitit job runs (pickled to the job's folder; module-level so it unpickles)."""
+
+    study_path: str
+    key: str
+    donor: str | None
+    cwd: str
+    gpus: int = 0
+    accelerate_config: str | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        from filelock import FileLock, Timeout
+
+        os.chdir(self.cwd)
+        cell, donor, state = self._cells()
+        folder = job_dir(cell.run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / CELL_LOCK), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise CftError(f"{self.key}: another job is working on this cell (lock {folder / CELL_LOCK})") from None
+        try:
+            started = time.time()
+            write_atomic(folder / SPAN, json.dumps({"started": started, "pid": os.getpid(), "job": _job_id()}) + "\n")
+            shared = share_into(cell, [donor], state) if donor is not None else []
+            rc, tail = _run_streaming(self.command(cell))
+            span = {"started": started, "ended": time.time(), "pid": os.getpid(), "job": _job_id(),
+                    "shared": shared, "returncode": rc}
+            if rc != 0:
+                span["error"] = tail
+            write_atomic(folder / SPAN, json.dumps(span, indent=2) + "\n")
+            if rc != 0:
+                raise CftError(f"{self.key}: cft-train exited with status {rc}: {' | '.join(tail) or '(no output)'}")
+            return span
+        finally:
+            lock.release()
+
+    def _cells(self) -> tuple[Cell, Cell | None, dict[str, Any]]:
+        """This cell and its donor, as the driver planned them (budgets from cells.json). A study
+        edited since the job was submitted is refused: the job would run other settings than recorded."""
+        from cft_adapters.study import _read_budgets
+        from cft_adapters.study_cells import load_cells
+        from cft_adapters.study_config import load_study
+
+        path = Path(self.study_path)
+        study = load_study(path)
+        state = json.loads((Path(study.output_dir) / "cells.json").read_text())
+        cells = {_state_key(c): c for c in load_cells(study, path, _read_budgets(state.get("token_budgets", {})))}
+        if self.key not in cells:
+            raise CftError(f"{self.study_path}: the study no longer has the cell {self.key}")
+        cell = cells[self.key]
+        recorded = state.get("cells", {}).get(self.key, {}).get("keys")
+        if recorded != phase_keys(cell.recipe):
+            raise CftError(f"{self.study_path}: {self.key}: the study changed since this job was submitted; rerun cft-study")
+        return cell, cells.get(self.donor) if self.donor else None, state
+
+    def command(self, cell: Cell) -> list[str]:
+        train = ["-m", "cft_adapters.cli", cell.recipe_path, *cell.overrides]
+        if self.gpus > 1:
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.gpus)]
+            if self.accelerate_config:
+                launch += ["--config_file", self.accelerate_config]
+            return [*launch, *train]
+        return [sys.executable, *train]
+
+
+def _job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+def _run_streaming(cmd: list[str]) -> tuple[int, list[str]]:
+    """Run `cmd`, its output passed through to the job's log; returns the exit status and the last
+    lines of its stderr (what the summary shows of a failure)."""
+    tail: deque[str] = deque(maxlen=ERROR_LINES)
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.strip() and "%|" not in line:  # progress bars are not the error
+                tail.append(line.strip())
+        rc = proc.wait()
+    sys.stderr.flush()
+    return rc, list(tail)
+
+
+# ---------------------------------------------------------------------------------------------
+# executors
+# ---------------------------------------------------------------------------------------------
+
+
+def slurm_parameters(settings: LauncherSettings, name: str, after: str | None = None) -> dict[str, Any]:
+    """The SlurmExecutor parameters of one cell's job (submitit's names; see its _make_sbatch_string)."""
+    params: dict[str, Any] = {"job_name": name, "time": settings.time_min, "nodes": 1, "ntasks_per_node": 1}
+    if settings.partition:
+        params["partition"] = settings.partition
+    if settings.account:
+        params["account"] = settings.account
+    if settings.gpus_per_job:
+        params["gpus_per_node"] = settings.gpus_per_job
+    if settings.cpus_per_job:
+        params["cpus_per_task"] = settings.cpus_per_job
+    if settings.mem_gb:
+        params["mem"] = f"{int(settings.mem_gb)}GB" if float(settings.mem_gb).is_integer() else f"{int(settings.mem_gb * 1024)}MB"
+    if settings.setup:
+        params["setup"] = list(settings.setup)
+    extra = {k.removeprefix("--").replace("-", "_"): v for k, v in settings.sbatch.items()}
+    if after is not None:
+        params["dependency"] = f"afterok:{after}"
+        extra["kill_on_invalid_dep"] = "yes"
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def _executor(settings: LauncherSettings, folder: Path, name: str, after: str | None, gpus: tuple[int, ...]) -> Any:
+    import submitit
+
+    if settings.kind == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+        executor.update_parameters(**slurm_parameters(settings, name, after))
+        return executor
+    executor = submitit.LocalExecutor(folder=folder, max_num_timeout=0)
+    params: dict[str, Any] = {"timeout_min": settings.time_min}
+    if gpus:
+        params.update(gpus_per_node=len(gpus), visible_gpus=gpus)
+    if settings.setup:
+        params["setup"] = list(settings.setup)
+    executor.update_parameters(**params)
+    return executor
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+
+
+class _Running:
+    """A job being waited for: one this driver submitted, or one an earlier driver left running."""
+
+    def __init__(self, cell: Cell, job: Any = None, adopted: str | None = None, slot: int | None = None):
+        self.cell, self.job, self.adopted, self.slot = cell, job, adopted, slot
+
+    @property
+    def job_id(self) -> str | None:
+        return str(self.job.job_id) if self.job is not None else None
+
+    def done(self) -> bool:
+        if self.job is not None:
+            return bool(self.job.done())
+        return not _lock_held(job_dir(self.cell.run_dir))  # an earlier driver's local job: done when its lock is free
+
+    def error(self) -> str | None:
+        if self.job is None:
+            return None
+        try:
+            exc = self.job.exception()
+        except Exception as err:  # submitit cannot read the job's result (e.g. killed before writing it)
+            return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        if exc is None:
+            return None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        cft = [ln for ln in lines if "CftError" in ln]
+        return (cft[-1] if cft else lines[-1] if lines else type(exc).__name__)[:2000]
+
+
+def _lock_held(folder: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    if not (folder / CELL_LOCK).exists():
+        return False
+    lock = FileLock(str(folder / CELL_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _slurm_alive(folder: Path, job_id: str) -> Any:
+    """The recorded Slurm job, when it is still pending or running (sacct through submitit)."""
+    import submitit
+
+    job = submitit.SlurmJob(folder=folder, job_id=job_id)
+    state = job.state.upper()
+    return job if state.split()[0] in {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"} else None
+
+
+def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str, Any], state_file: Path,
+             console: Any, settings: LauncherSettings) -> bool:
+    """Submit the cells that are missing, wait for them all, record each as it ends. Returns False
+    when a cell failed (or is stale, or could not run because its donor failed)."""
+    from cft_adapters.study import _stale
+    from cft_adapters.study_summary import write_outputs
+
+    deps = dependencies(cells)
+    status: dict[str, str] = {}  # key -> done | failed | stale
+    running: dict[str, _Running] = {}
+    free_slots = list(range(settings.max_parallel))
+    study_path = study_path.resolve()
+    ok = True
+
+    def save() -> None:
+        write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+
+    for cell in cells:
+        key = _state_key(cell)
+        if cell_finished(cell, state):
+            cell.status, status[key] = "skipped", "done"
+            state["cells"][key]["status"] = "done"
+            console.print(f"{key}: finished, skipped")
+        elif _stale(cell, state, console):
+            cell.status, status[key] = "stale", "stale"
+            ok = False
+    save()
+
+    def finish(run: _Running) -> None:
+        nonlocal ok
+        cell = run.cell
+        key = _state_key(cell)
+        span = _read_span(job_dir(cell.run_dir))
+        record = state["cells"].setdefault(key, {})
+        error = run.error()
+        if cell_finished(cell, state) and not error:
+            cell.status = "done"
+        else:
+            cell.status, ok = "failed", False
+            error = error or (span.get("error") and " | ".join(span["error"])) or (
+                f"the job ended without finishing the cell; see {job_dir(cell.run_dir)}")
+            record["error"] = error
+            console.print(f"[red]cell {key} failed[/]: {error}", highlight=False)
+        cell.shared = span.get("shared", record.get("shared", []))
+        if "started" in span and "ended" in span:
+            cell.wall_seconds = round(span["ended"] - span["started"], 1)
+        record.update(status=cell.status, wall_seconds=cell.wall_seconds, shared=cell.shared,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"), keys=phase_keys(cell.recipe),
+                      span={k: span[k] for k in ("started", "ended") if k in span})
+        if cell.status == "done":
+            record.pop("error", None)
+        status[key] = cell.status
+        if run.slot is not None:
+            free_slots.append(run.slot)
+        save()
+        write_outputs(study, study_path, cells, state, console, plot=False)
+        console.print(f"[bold]{key}[/]: {cell.status} ({len([s for s in status.values() if s == 'done'])}/{len(cells)} done)")
+
+    try:
+        while True:
+            for cell in cells:
+                key = _state_key(cell)
+                if key in status or key in running:
+                    continue
+                donor = deps[key]
+                after = None
+                if donor is not None and status.get(donor) in ("failed", "stale", "blocked"):
+                    cell.status, status[key], ok = "failed", "blocked", False
+                    state["cells"].setdefault(key, {}).update(status="failed", error=f"not run: the cell it shares phases with ({donor}) failed")
+                    console.print(f"[red]cell {key}[/]: not run, its donor {donor} failed")
+                    save()
+                    continue
+                if donor is not None and status.get(donor) != "done":
+                    if settings.kind == "slurm" and donor in running and running[donor].job_id:
+                        after = running[donor].job_id
+                    else:
+                        continue
+                adopted = _adopt(cell, state, settings)
+                if adopted is not None:
+                    running[key] = adopted
+                    console.print(f"{key}: a job of an earlier driver is still at work ({adopted.adopted}); waiting for it")
+                    continue
+                if len(running) >= settings.max_parallel:
+                    continue
+                slot = free_slots.pop(0)
+                try:
+                    running[key] = _submit(cell, key, donor, after, slot, study, study_path, state, settings, console)
+                except CftError as exc:
+                    free_slots.append(slot)
+                    cell.status, status[key], ok = "failed", "failed", False
+                    state["cells"][key].update(status="failed", error=exc.problems[0])
+                    console.print(f"[red]cell {key} failed[/]: {exc.problems[0]}", highlight=False)
+                save()
+            for key, run in list(running.items()):
+                if run.done():
+                    del running[key]
+                    finish(run)
+            if not running and all(_state_key(c) in status for c in cells):
+                break
+            if running:
+                time.sleep(settings.poll_seconds)
+    except KeyboardInterrupt:
+        ids = ", ".join(f"{k} ({r.job_id or r.adopted})" for k, r in running.items())
+        console.print(f"[yellow]driver interrupted; jobs keep running: {ids or 'none'}. Rerun the same command to "
+                      "wait for them and submit the rest.[/]")
+        raise
+    return ok
+
+
+def _read_span(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / SPAN).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _adopt(cell: Cell, state: dict[str, Any], settings: LauncherSettings) -> _Running | None:
+    """A job an earlier driver submitted for this cell that is still alive, to wait for instead of
+    submitting another one."""
+    folder = job_dir(cell.run_dir)
+    if _lock_held(folder):
+        return _Running(cell, adopted=f"lock {folder / CELL_LOCK} held")
+    job = state.get("cells", {}).get(_state_key(cell), {}).get("job", {})
+    if job.get("launcher") == "slurm" and job.get("id") and settings.kind == "slurm":
+        alive = _slurm_alive(folder, str(job["id"]))
+        if alive is not None:
+            return _Running(cell, job=alive, adopted=f"Slurm job {job['id']}")
+    return None
+
+
+def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: int, study: Study, study_path: Path,
+            state: dict[str, Any], settings: LauncherSettings, console: Any) -> _Running:
+    folder = job_dir(cell.run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPAN).unlink(missing_ok=True)
+    gpus = tuple(range(slot * settings.gpus_per_job, (slot + 1) * settings.gpus_per_job)) if settings.kind == "local" else ()
+    name = f"cft-{Path(study.output_dir).name}-{cell.condition}-s{cell.seed}"
+    accelerate = settings.accelerate_config
+    if accelerate and not Path(accelerate).is_absolute():
+        accelerate = str((study_path.parent / accelerate).resolve())
+    job = CellJob(str(study_path), key, donor, os.getcwd(), settings.gpus_per_job, accelerate)
+    record = state["cells"].setdefault(key, {})
+    record.update(status="submitted", keys=phase_keys(cell.recipe))  # what the job checks it runs
+    write_atomic(Path(study.output_dir) / "cells.json", json.dumps(state, indent=2) + "\n")
+    try:
+        submitted = _executor(settings, folder, name, after, gpus).submit(job)
+    except Exception as exc:  # sbatch refused it, srun missing, ...: the cell fails, the study goes on
+        raise CftError(f"{key}: could not submit the job to {settings.kind}: {exc}") from None
+    record["job"] = {"launcher": settings.kind, "id": str(submitted.job_id), "folder": str(folder),
+                     "stdout": str(submitted.paths.stdout), "stderr": str(submitted.paths.stderr),
+                     **({"after": after} if after else {})}
+    console.print(f"{key}: submitted ({settings.kind} job {submitted.job_id}{f', after {after}' if after else ''}); "
+                  f"log {submitted.paths.stderr}")
+    return _Running(cell, job=submitted, slot=slot)
