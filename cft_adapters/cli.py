@@ -359,6 +359,9 @@ def analyze_main(argv: list[str] | None = None) -> int:
             say(f"forgetting = {model['intercept']:.4f} + {model['slope']:.4f} * DES  (slope 95% CI [{num(lo, '.4f')}, "
                 f"{num(hi, '.4f')}], R² {num(model['r2'], '.3f')}, p {num(model['p_value'], '.3g')}, n {model['n']})")
             say(f"{model['caveat']}; encoder {name}")
+            if model["excluded"]:
+                say(f"left out (a mitigation in the last phase): {len(model['excluded'])} cells of "
+                    f"{', '.join(sorted({e['condition'] for e in model['excluded']}))}")
             say(f"wrote {out} and {out.with_suffix('.png')}; use it with analysis.forgetting_model in a recipe")
             return 0
         from cft_adapters.recipe import load_recipe
@@ -476,10 +479,10 @@ def study_main(argv: list[str] | None = None) -> int:
         require("study", "cft-study")
         from cft_adapters import study
 
-        if args.dry_run:
-            study.dry_run(args.study, console)
-            return 0
         launcher = _launcher_settings(args, args.study)
+        if args.dry_run:
+            study.dry_run(args.study, console, launcher)
+            return 0
         return 0 if study.run_study(args.study, console, report_only=args.report_only, launcher=launcher) else 1
     except DataError as exc:
         return _report(err, exc, prefix=f"{args.study}: ")

@@ -10,7 +10,7 @@ from cft_adapters.errors import CftError
 # extra -> the modules it provides (pyproject.toml's [project.optional-dependencies] lists the packages)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "analysis": ("sentence_transformers",),  # cft-analyze similarity (DES)
-    "study": ("scipy",),  # cft-study's intervals and tests
+    "study": ("scipy", "submitit"),  # cft-study: intervals and tests; the local / slurm launchers
     "gguf": ("gguf",),  # GGUF checkpoints (model.gguf_file, builtin:smollm2-135m-instruct)
     "alpaca": ("alpaca_eval",),  # AlpacaEval's judging
     "tracking": ("tensorboard",),  # training.report_to: [tensorboard]

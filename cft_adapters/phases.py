@@ -44,10 +44,40 @@ class _Model:
     peft: Any = None
 
 
+class BasePool:
+    """A loaded base model kept between runs in one process (cft-study's sequential cells), so the
+    next cell on the same base does not load and quantize it again. A run takes the base it needs
+    when it is here, and hands it back at its end with its adapter removed (PEFT's unload). One base
+    is kept, not several: memory. A base that is not clean after unloading is dropped, never reused."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._loaded: tuple[Any, Any] | None = None
+        self.reused = 0
+
+    @staticmethod
+    def key(recipe: Recipe, path: str) -> str:
+        return recipe.model.model_dump_json() + "|" + path
+
+    def take(self, key: str) -> tuple[Any, Any] | None:
+        if self._key != key or self._loaded is None:
+            return None
+        loaded, self._key, self._loaded = self._loaded, None, None
+        self.reused += 1
+        return loaded
+
+    def give(self, key: str, tokenizer: Any, base: Any) -> None:
+        if any("lora_" in name for name, _ in base.named_modules()):
+            return
+        self._key, self._loaded = key, (tokenizer, base)
+
+
 class PhaseRunner:
     """Runs a validated recipe into its run directory; resumable, never rewrites a finished phase."""
 
-    def __init__(self, recipe: Recipe, recipe_path: str, console: Console | None = None):
+    def __init__(self, recipe: Recipe, recipe_path: str, console: Console | None = None,
+                 base_pool: BasePool | None = None):
+        self.base_pool = base_pool if distributed.world_size() == 1 else None
         self.recipe = recipe
         use_include_paths(recipe.eval.include_path)  # the recipe's own task folders, for every scoring
         self.recipe_path = recipe_path
@@ -100,8 +130,13 @@ class PhaseRunner:
             self.base_path = modeling.resolve_model_path(self.recipe.model)
         self.console.print(f"[bold]loading base[/] {self.recipe.model.name_or_path} "
                            f"({self.recipe.model.quantization}) from {self.base_path}")
-        self.model.tokenizer = modeling.load_tokenizer(self.recipe.model, self.base_path)
-        self.model.base = modeling.load_base_model(self.recipe.model, self.base_path)
+        reused = self.base_pool.take(BasePool.key(self.recipe, self.base_path)) if self.base_pool else None
+        if reused is not None:
+            self.console.print("(the base loaded for the previous cell, its adapter removed)")
+            self.model.tokenizer, self.model.base = reused
+        else:
+            self.model.tokenizer = modeling.load_tokenizer(self.recipe.model, self.base_path)
+            self.model.base = modeling.load_base_model(self.recipe.model, self.base_path)
         assert self.manifest is not None
         self.manifest.base_model_path = self.base_path
         template = modeling.template_record(self.model.tokenizer, self.model.base)
@@ -162,6 +197,18 @@ class PhaseRunner:
             return self._run()
         finally:
             self.rundir.unlock()
+            self._return_base()
+
+    def _return_base(self) -> None:
+        """Hand the base back to the pool, without this run's adapter (see BasePool)."""
+        if self.base_pool is None or self.model.base is None or self.base_path is None:
+            return
+        base, tokenizer = self.model.base, self.model.tokenizer
+        if self.model.peft is not None:
+            base = self.model.peft.unload()  # the LoRA layers out, the original (NF4) modules back in place
+        self.model = _Model()
+        self._eval_scorer = None
+        self.base_pool.give(BasePool.key(self.recipe, self.base_path), tokenizer, base)
 
     def _run(self) -> RunManifest:
         distributed.init()

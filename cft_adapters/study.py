@@ -206,7 +206,11 @@ def _stale(cell: Cell, state: dict[str, Any], console: Console) -> bool:
 
 def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str, Any], state_file: Path,
               console: Console) -> bool:
-    """The sequential launcher: every cell in this process, one after another."""
+    """The sequential launcher: every cell in this process, one after another; the loaded base
+    passes from one cell to the next (phases.BasePool) instead of being loaded again."""
+    from cft_adapters.phases import BasePool
+
+    pool = BasePool()
     ok = True
     for i, cell in enumerate(cells):
         key = _state_key(cell)
@@ -224,7 +228,7 @@ def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str
         console.rule(f"cell {i + 1}/{len(cells)}: {key}")
         started = time.perf_counter()
         try:
-            _run_cell(cell, console)
+            _run_cell(cell, console, pool)
             cell.status = "done"
         except CftError as exc:
             cell.status = "failed"
@@ -239,10 +243,10 @@ def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str
     return ok
 
 
-def _run_cell(cell: Cell, console: Console) -> None:
+def _run_cell(cell: Cell, console: Console, base_pool: Any = None) -> None:
     from cft_adapters.phases import PhaseRunner
 
-    runner = PhaseRunner(cell.recipe, cell.recipe_path, console)
+    runner = PhaseRunner(cell.recipe, cell.recipe_path, console, base_pool=base_pool)
     try:
         manifest = runner.run()
     finally:
@@ -258,7 +262,7 @@ def _run_cell(cell: Cell, console: Console) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def dry_run(study_path: str | Path, console: Console) -> None:
+def dry_run(study_path: str | Path, console: Console, launcher: LauncherSettings | None = None) -> None:
     """The cells, which phases they would share, and where they go; no model is loaded."""
     study_path = Path(study_path)
     study = load_study(study_path)
@@ -275,5 +279,14 @@ def dry_run(study_path: str | Path, console: Console) -> None:
         table.add_row(_state_key(cell), cell.recipe_path, " → ".join(names),
                       ", ".join(names[:reuse]) or "-", "finished" if cell_finished(cell, state) else "to run")
     console.print(table)
+    launcher = launcher or study.launcher
+    if launcher.kind == "sequential":
+        console.print("launcher: sequential (one cell after another in this process)")
+    else:
+        from cft_adapters.study_launch import dependencies
+
+        waits = [f"{k} after {d}" for k, d in dependencies(cells).items() if d]
+        console.print(f"launcher: {launcher.kind}, {launcher.max_parallel} at a time; "
+                      f"waits: {', '.join(waits) or 'none'}")
     console.print(f"token matching: {'on (budgets are computed with the tokenizer when the study starts)' if study.match_tokens else 'off'}")
     console.print(f"outputs: {Path(study.output_dir) / STUDY_MD}, {STUDY_JSON}, {STUDY_PNG}")

@@ -61,6 +61,7 @@ def _cell_result(cell: Cell, state: dict[str, Any]) -> dict[str, Any]:
             "ea": s.ea, "ma_seen": s.ma_seen, "ma_unseen": s.ma_unseen, "units": s.units,
             "forgetting": report.forgetting(scores, k), "tokens": rec.train.tokens if rec.train else None,
             "train_seconds": rec.train.seconds if rec.train else None, "eval_seconds": rec.eval_seconds,
+            "replay_generation_seconds": ((rec.replay or {}).get("generation") or {}).get("seconds"),
             "shared_from": getattr(rec, "shared_from", None),
             "metrics": {f"{t}/{m}": v for t in cell.recipe.eval.tasks for m, v in sorted((rec.eval.get(t) or {}).items())},
         })
@@ -115,6 +116,24 @@ def aggregate(study: Study, cells: list[dict[str, Any]]) -> list[dict[str, Any]]
     return rows
 
 
+def time_breakdown(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Where the study's time went, over the phases it ran itself (shared phases were copied, not
+    redone): training, evaluation, generating replay answers, and the rest of the cells' wall time
+    (loading models, placement, copying shared phases, writing results)."""
+    train = evaluation = generation = wall = 0.0
+    for cell in results:
+        if cell.get("wall_seconds") is None:
+            continue
+        wall += cell["wall_seconds"]
+        for ph in cell["phases"]:
+            if ph.get("shared_from") is None:
+                train += ph.get("train_seconds") or 0.0
+                evaluation += ph.get("eval_seconds") or 0.0
+                generation += ph.get("replay_generation_seconds") or 0.0
+    return {"cells_wall": round(wall, 1), "training": round(train, 1), "evaluation": round(evaluation, 1),
+            "replay_generation": round(generation, 1), "other": round(wall - train - evaluation - generation, 1)}
+
+
 def write_outputs(study: Study, study_path: Path, cells: list[Cell], state: dict[str, Any], console: Console,
                   plot: bool) -> dict[str, Any]:
     out = Path(study.output_dir)
@@ -141,6 +160,7 @@ def write_outputs(study: Study, study_path: Path, cells: list[Cell], state: dict
         "wall_seconds": {c: round(sum(v), 1) for c, v in walls.items()},
         "compute_seconds_per_cell": {c: round(sum(v) / len(v), 1) for c, v in computes.items()},
         "study_wall_seconds": round(sum(sum(v) for v in walls.values()), 1),
+        "time_breakdown": time_breakdown(results),
     }
     write_atomic(out / STUDY_JSON, json.dumps(result, indent=2) + "\n")
     write_atomic(out / STUDY_MD, study_markdown(result))
@@ -223,6 +243,14 @@ def study_markdown(result: dict[str, Any]) -> str:
     lines += ["", "wall s: time this study spent on the cell (shared phases are not redone). compute s: training plus "
                   "evaluation seconds of all its phases, shared ones included (what the condition costs on its own).",
               "", f"Study wall time: {result['study_wall_seconds']} s.", ""]
+    t = result.get("time_breakdown")
+    if t and t["cells_wall"]:
+        share = {k: f"{v} s ({100 * v / t['cells_wall']:.0f}%)" for k, v in t.items() if k != "cells_wall"}
+        lines += ["## Where the time went", "",
+                  f"Over the {t['cells_wall']} s the cells took, counting only the phases this study ran itself: "
+                  f"training {share['training']}, evaluation {share['evaluation']}, generating replay answers "
+                  f"{share['replay_generation']}, and the rest {share['other']} (loading models, choosing "
+                  "placements, copying shared phases, writing results).", ""]
     return "\n".join(lines)
 
 

@@ -243,7 +243,10 @@ def tiny_study(tmp_path_factory, tiny_model_path) -> tuple[Path, Path, str]:
 
 @pytest.mark.slow
 def test_study_shares_phase_one_and_the_base_scores(tiny_study) -> None:
-    _, out, _ = tiny_study
+    _, out, printed = tiny_study
+    # Cells after the first take the base the previous cell loaded (its adapter removed); the
+    # launcher tests check that the scores equal those of jobs that each load their own.
+    assert printed.count("(the base loaded for the previous cell, its adapter removed)") == 3
     cells = out / "cells"
     first = RunManifest.read(cells / "similar" / "seed_0")
     assert all(getattr(r, "shared_from", None) is None for r in first.phases)
@@ -293,6 +296,11 @@ def test_study_outputs_have_intervals_and_deltas(tiny_study) -> None:
     assert "delta_ea" not in rows[("similar", 2)]
     md = (out / "study.md").read_text()
     assert "| condition | phase | EA | MA |" in md and "## Token budgets" in md and "\nMachine: " in md
+    t = result["time_breakdown"]
+    assert t["training"] > 0 and t["evaluation"] > 0 and t["replay_generation"] == 0
+    assert t["training"] + t["evaluation"] + t["other"] == pytest.approx(t["cells_wall"], abs=0.2)
+    assert t["cells_wall"] == pytest.approx(sum(c["wall_seconds"] for c in result["cells"]), abs=0.2)
+    assert "## Where the time went" in md
     png = (out / "study.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -7,6 +7,9 @@ ordinary least squares, forgetting = intercept + slope · DES (scipy.stats.linre
 a 95% t interval (n − 2 degrees of freedom), and R² says how much the fit explains. The model file
 (<study_dir>/forgetting_model.json) keeps the fit, the encoder and the points.
 
+Cells whose last phase has a mitigation (replay, or adapter placement) are left out of the fit and
+listed as excluded: a mitigation changes forgetting at the same similarity.
+
 It is honest about its size. The seeds of a condition share one DES, so a study of k conditions gives
 only k distinct x values: with fewer than 5, the result is labelled a sketch. MPD is not used: it is
 measured per recipe, not per cell.
@@ -62,17 +65,24 @@ def study_points(study_dir: Path, encoder: Any, encoder_name: str) -> list[dict[
         before, after = scores[-2].ea, scores[-1].ea
         if before is None or after is None:
             continue
+        last = recipe.run_phases()[-1]
+        mitigation = ", ".join(m for m, on in (("replay", last.replay is not None),
+                                               ("placement", last.placement is not None)) if on) or None
         key = _pair_key(recipe)
-        if key not in cache:
+        if mitigation is None and key not in cache:
             cache[key] = pair_des(recipe, encoder, encoder_name)
-        points.append({"condition": run_dir.parent.name, "seed": run_dir.name, "des": cache[key],
-                       "forgetting": before - after})
+        points.append({"condition": run_dir.parent.name, "seed": run_dir.name, "des": cache.get(key),
+                       "forgetting": before - after, "mitigation": mitigation})
     return points
 
 
 def fit(points: list[dict[str, Any]], encoder_name: str) -> dict[str, Any]:
     from scipy import stats
 
+    # A mitigation (replay, layer freezing in the last phase) changes forgetting at the same
+    # similarity: such cells are left out of the fit, and listed.
+    excluded = [p for p in points if p.get("mitigation")]
+    points = [p for p in points if not p.get("mitigation")]
     xs, ys = [p["des"] for p in points], [p["forgetting"] for p in points]
     distinct = len({round(x, 12) for x in xs})
     if len(points) < 3 or distinct < 2:
@@ -97,6 +107,7 @@ def fit(points: list[dict[str, Any]], encoder_name: str) -> dict[str, Any]:
         "p_value": None if flat else finite(result.pvalue),
         "n": len(points), "distinct_des": distinct, "sketch": distinct < SKETCH_BELOW, "caveat": caveat,
         "points": points,
+        "excluded": [{k: p[k] for k in ("condition", "seed", "mitigation")} for p in excluded],
     }
 
 
