@@ -38,7 +38,9 @@ from cft_adapters.errors import CftError
 from cft_adapters.recipe import Recipe
 from cft_adapters.rundir import claim
 from cft_adapters.util.fs import write_atomic
-from cft_adapters.study_cells import Cell, _state_key, cell_finished, load_cells, phase_keys, planned_donor, share_into  # noqa: F401  (re-exported)
+from cft_adapters.study_cells import (  # noqa: F401  (re-exported)
+    Cell, _read_budgets, _stale, _state_key, cell_finished, load_cells, phase_keys, planned_donor, share_into,
+)
 from cft_adapters.study_config import LauncherSettings, Study, StudyCondition, load_study  # noqa: F401  (re-exported)
 from cft_adapters.study_summary import STUDY_JSON, STUDY_MD, STUDY_PNG, aggregate, summary_table, write_outputs  # noqa: F401  (re-exported)
 
@@ -137,13 +139,6 @@ def _match(group: list[Cell], per_cond: dict[str, dict[str, int]], out: dict[str
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_budgets(saved: dict[str, Any]) -> dict[int, dict[str, dict[str, int]]]:
-    """cells.json's token_budgets. Before budgets were per condition they were {phase index: budget}
-    for every condition: those read as budgets for no condition, so such cells count as stale."""
-    return {int(s): {c: {n: int(b) for n, b in ph.items()} for c, ph in conds.items() if isinstance(ph, dict)}
-            for s, conds in saved.items()}
-
-
 def run_study(study_path: str | Path, console: Console, report_only: bool = False,
               launcher: LauncherSettings | None = None) -> bool:
     """Run (or resume) every cell, then write the summary. Returns False when a cell failed. One
@@ -189,19 +184,6 @@ def _run_study(study: Study, study_path: Path, console: Console, report_only: bo
     console.print(summary_table(result))
     console.print(f"study: {out / STUDY_MD}, {out / STUDY_JSON}, {out / STUDY_PNG}")
     return ok and not any(c["status"] in ("failed", "stale") for c in result["cells"])
-
-
-def _stale(cell: Cell, state: dict[str, Any], console: Console) -> bool:
-    """A cell that ran under other settings than the study's now: kept, never summarised (marked in `state`)."""
-    key = _state_key(cell)
-    recorded = state["cells"].get(key, {}).get("keys")
-    if recorded is None or recorded == phase_keys(cell.recipe) or not (cell.run_dir / "run.json").is_file():
-        return False
-    state["cells"][key]["status"] = "stale"
-    console.print(f"[red]cell {key}[/]: it ran under other settings than the study's now (model, adapter, "
-                  f"phases, token budget or evaluation changed). Its results are kept but not summarised; "
-                  f"use a new output_dir, or remove {cell.run_dir} to rerun it.")
-    return True
 
 
 def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str, Any], state_file: Path,

@@ -118,6 +118,26 @@ def planned_donor(cell: Cell, earlier: list[Cell]) -> tuple[Cell | None, int]:
     return best, best_n
 
 
+def _read_budgets(saved: dict[str, Any]) -> dict[int, dict[str, dict[str, int]]]:
+    """cells.json's token_budgets. Before budgets were per condition they were {phase index: budget}
+    for every condition: those read as budgets for no condition, so such cells count as stale."""
+    return {int(s): {c: {n: int(b) for n, b in ph.items()} for c, ph in conds.items() if isinstance(ph, dict)}
+            for s, conds in saved.items()}
+
+
+def _stale(cell: Cell, state: dict[str, Any], console: Any) -> bool:
+    """A cell that ran under other settings than the study's now: kept, never summarised (marked in `state`)."""
+    key = _state_key(cell)
+    recorded = state["cells"].get(key, {}).get("keys")
+    if recorded is None or recorded == phase_keys(cell.recipe) or not (cell.run_dir / "run.json").is_file():
+        return False
+    state["cells"][key]["status"] = "stale"
+    console.print(f"[red]cell {key}[/]: it ran under other settings than the study's now (model, adapter, "
+                  f"phases, token budget or evaluation changed). Its results are kept but not summarised; "
+                  f"use a new output_dir, or remove {cell.run_dir} to rerun it.")
+    return True
+
+
 def _finished_phases(manifest: RunManifest, keys_of_donor: list[str], keys: list[str]) -> int:
     """How many leading phases (counting phase 0) of the donor this cell can reuse."""
     n = 0

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cft_adapters.errors import CftError
-from cft_adapters.study_cells import Cell, _state_key, cell_finished, phase_keys, planned_donor, share_into
+from cft_adapters.study_cells import Cell, _stale, _state_key, cell_finished, phase_keys, planned_donor, share_into
 from cft_adapters.study_config import LauncherSettings, Study
 from cft_adapters.util.fs import write_atomic
 
@@ -105,8 +105,7 @@ class CellJob:
     def _cells(self) -> tuple[Cell, Cell | None, dict[str, Any]]:
         """This cell and its donor, as the driver planned them (budgets from cells.json). A study
         edited since the job was submitted is refused: the job would run other settings than recorded."""
-        from cft_adapters.study import _read_budgets
-        from cft_adapters.study_cells import load_cells
+        from cft_adapters.study_cells import _read_budgets, load_cells
         from cft_adapters.study_config import load_study
 
         path = Path(self.study_path)
@@ -257,7 +256,6 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
              console: Any, settings: LauncherSettings) -> bool:
     """Submit the cells that are missing, wait for them all, record each as it ends. Returns False
     when a cell failed (or is stale, or could not run because its donor failed)."""
-    from cft_adapters.study import _stale
     from cft_adapters.study_summary import write_outputs
 
     deps = dependencies(cells)
