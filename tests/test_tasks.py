@@ -123,3 +123,17 @@ def test_tasks_path_module_prints_the_folder() -> None:
     proc = subprocess.run([sys.executable, "-m", "cft_adapters.tasks_path"], capture_output=True, text=True)
     assert proc.stdout.strip() == str(tasks_dir())
     assert (tasks_dir() / "cft_smoke" / "_cft_smoke_en.yaml").is_file()
+
+
+def test_tasks_of_our_own_folders_skip_lm_evals_index_and_score_the_same() -> None:
+    """cft_* tasks that need nothing of lm-eval's own are resolved without indexing its few thousand
+    task files; a family that names lm-eval tasks (cft_en: IFEval, MMLU, ...) gets the full index."""
+    own = task_manager(["cft_smoke_en", "cft_smoke_ml"])
+    assert "cft_smoke_en_mc" in own.all_tasks and "mmlu" not in own.all_tasks
+    assert "mmlu" in task_manager(["cft_en"]).all_tasks and "mmlu" in task_manager().all_tasks
+    problems = unknown_tasks(["cft_smoke_en", "mmluu"])  # a did-you-mean still draws on every lm-eval task
+    assert len(problems) == 1 and problems[0].startswith("eval.tasks[1]: unknown") and "'mmlu'" in problems[0]
+    lm = ScriptedLM({}, "Paris", {})
+    a = simple_evaluate(model=lm, tasks=["cft_smoke_en_mc"], task_manager=own, bootstrap_iters=0)["results"]
+    b = simple_evaluate(model=lm, tasks=["cft_smoke_en_mc"], task_manager=task_manager(), bootstrap_iters=0)["results"]
+    assert a == b
