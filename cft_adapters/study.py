@@ -204,22 +204,32 @@ def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str
         if _stale(cell, state, console):
             cell.status, ok = "stale", False
             continue
+        from cft_adapters.study_launch import CELL_LOCK, _lock_held, job_dir
+
+        if _lock_held(job_dir(cell.run_dir)):  # a local / Slurm job of an earlier launcher is at work on it
+            cell.status, ok = "failed", False
+            state["cells"].setdefault(key, {}).update(status="failed", error="a job of another launcher is at work on it")
+            console.print(f"[red]cell {key}[/]: a job is at work on it ({job_dir(cell.run_dir) / CELL_LOCK} is held); "
+                          "rerun with the launcher that started it, or once it ended")
+            continue
         cell.shared = share_into(cell, cells[:i], state)
         if cell.shared:
             console.print(f"cell {key}: reusing {', '.join(cell.shared)} from an identical earlier cell")
         console.rule(f"cell {i + 1}/{len(cells)}: {key}")
         started = time.perf_counter()
+        error = None
         try:
             _run_cell(cell, console, pool)
             cell.status = "done"
         except CftError as exc:
-            cell.status = "failed"
+            cell.status, error = "failed", " | ".join(exc.problems)
             ok = False
             for line in exc.problems:
                 console.print(f"[red]cell {key} failed[/]: {line}", markup=True, highlight=False)
         cell.wall_seconds = round(time.perf_counter() - started, 1)
         state["cells"][key] = {"status": cell.status, "wall_seconds": cell.wall_seconds, "shared": cell.shared,
-                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "keys": phase_keys(cell.recipe)}
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "keys": phase_keys(cell.recipe),
+                               **({"error": error} if error else {})}
         write_atomic(state_file, json.dumps(state, indent=2) + "\n")
         write_outputs(study, study_path, cells, state, console, plot=False)
     return ok

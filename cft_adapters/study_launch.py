@@ -39,6 +39,7 @@ from cft_adapters.study_config import LauncherSettings, Study
 from cft_adapters.util.fs import write_atomic
 
 CELL_LOCK = ".cell.lock"
+ANOTHER_JOB = "another job is working on this cell"
 SPAN = "span.json"
 ERROR_LINES = 12
 
@@ -71,33 +72,41 @@ class CellJob:
     key: str
     donor: str | None
     cwd: str
+    run_dir: str
     gpus: int = 0
     accelerate_config: str | None = None
+    visible_devices: str | None = None  # with gpus 0: the driver's CUDA_VISIBLE_DEVICES (submitit blanks it)
 
     def __call__(self) -> dict[str, Any]:
         from filelock import FileLock, Timeout
 
         os.chdir(self.cwd)
-        cell, donor, state = self._cells()
-        folder = job_dir(cell.run_dir)
+        folder = job_dir(Path(self.run_dir))
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / CELL_LOCK), timeout=0)
-        try:
+        try:  # first of all: a second job for this cell stops here
             lock.acquire()
         except Timeout:
-            raise CftError(f"{self.key}: another job is working on this cell (lock {folder / CELL_LOCK})") from None
+            raise CftError(f"{self.key}: {ANOTHER_JOB} (lock {folder / CELL_LOCK})") from None
         try:
             started = time.time()
             write_atomic(folder / SPAN, json.dumps({"started": started, "pid": os.getpid(), "job": _job_id()}) + "\n")
+            cell, donor, state = self._cells()
             shared = share_into(cell, [donor], state) if donor is not None else []
-            rc, tail = _run_streaming(self.command(cell))
+            env = dict(os.environ)
+            if self.gpus == 0:
+                if self.visible_devices is None:
+                    env.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+            rc, tail = _run_streaming(self.command(cell), env)
             span = {"started": started, "ended": time.time(), "pid": os.getpid(), "job": _job_id(),
                     "shared": shared, "returncode": rc}
             if rc != 0:
                 span["error"] = tail
             write_atomic(folder / SPAN, json.dumps(span, indent=2) + "\n")
             if rc != 0:
-                raise CftError(f"{self.key}: cft-train exited with status {rc}: {' | '.join(tail) or '(no output)'}")
+                raise CftError(f"{self.key}: cft-train exited with status {rc}: {' | '.join(tail[-3:]) or '(no output)'}")
             return span
         finally:
             lock.release()
@@ -122,8 +131,9 @@ class CellJob:
 
     def command(self, cell: Cell) -> list[str]:
         train = ["-m", "cft_adapters.cli", cell.recipe_path, *cell.overrides]
-        if self.gpus > 1:
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.gpus)]
+        if self.gpus > 1:  # a free port each: two multi-GPU cells on one node must not both take 29500
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.gpus),
+                      "--main_process_port", str(_free_port())]
             if self.accelerate_config:
                 launch += ["--config_file", self.accelerate_config]
             return [*launch, *train]
@@ -134,11 +144,32 @@ def _job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
 
 
-def _run_streaming(cmd: list[str]) -> tuple[int, list[str]]:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGTERM when the job process dies, so cft-train never outlives a
+    cancelled or timed-out job and keeps its devices and run-directory lock."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_streaming(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run `cmd`, its output passed through to the job's log; returns the exit status and the last
     lines of its stderr (what the summary shows of a failure)."""
     tail: deque[str] = deque(maxlen=ERROR_LINES)
-    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+                          preexec_fn=_die_with_parent if sys.platform == "linux" else None) as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
             sys.stderr.write(line)
@@ -195,38 +226,128 @@ def _executor(settings: LauncherSettings, folder: Path, name: str, after: str | 
     return executor
 
 
+def local_devices() -> list[int]:
+    """The GPUs this driver may hand to local jobs: its CUDA_VISIBLE_DEVICES, else every device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(d) for d in visible.split(",") if d.strip().isdigit()]
+    try:
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    except Exception:  # no torch CUDA runtime: no GPUs
+        return []
+
+
+def _device_slots(settings: LauncherSettings) -> list[tuple[int, ...]]:
+    """One tuple of GPU ids per parallel slot (empty tuples without GPUs); a clear error when the
+    machine has fewer GPUs than max_parallel x gpus_per_job."""
+    if settings.kind != "local" or settings.gpus_per_job == 0:
+        return [()] * settings.max_parallel
+    devices = local_devices()
+    need = settings.max_parallel * settings.gpus_per_job
+    if len(devices) < need:
+        raise CftError(f"launcher: {settings.max_parallel} cells at once x {settings.gpus_per_job} GPU(s) each needs "
+                       f"{need} GPUs; this machine shows {len(devices)} (CUDA_VISIBLE_DEVICES / torch). Lower "
+                       "--max-parallel or --gpus-per-job")
+    g = settings.gpus_per_job
+    return [tuple(devices[i * g:(i + 1) * g]) for i in range(settings.max_parallel)]
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
+
+SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN"}
+
+
+def _squeue_state(job_id: str) -> str | None:
+    """The job's state from squeue (None when it is not in the queue or squeue is not there)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state = out.stdout.strip().split()
+    return state[0].upper() if out.returncode == 0 and state else None
+
+
+def _slurm_state(job: Any) -> str:
+    """The job's state: sacct through submitit, else squeue (no accounting, or sacct lagging)."""
+    try:
+        state = str(job.state).upper().split()[0]
+    except Exception:  # submitit could not ask sacct
+        state = "UNKNOWN"
+    if state == "UNKNOWN":
+        state = _squeue_state(str(job.job_id)) or "UNKNOWN"
+    return state
+
+
+def _pid_alive(pid: int) -> bool:
+    """A local job's controller (its job id is the pid) still running."""
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:
+        return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: the pid exists, assume it is ours
 
 
 class _Running:
     """A job being waited for: one this driver submitted, or one an earlier driver left running."""
 
-    def __init__(self, cell: Cell, job: Any = None, adopted: str | None = None, slot: int | None = None):
-        self.cell, self.job, self.adopted, self.slot = cell, job, adopted, slot
+    def __init__(self, cell: Cell, job: Any = None, adopted: str | None = None, slot: int | None = None,
+                 pid: int | None = None, kind: str = "local"):
+        self.cell, self.job, self.adopted, self.slot, self.pid, self.kind = cell, job, adopted, slot, pid, kind
+        self._gone_since: float | None = None
 
     @property
     def job_id(self) -> str | None:
         return str(self.job.job_id) if self.job is not None else None
 
     def done(self) -> bool:
+        folder = job_dir(self.cell.run_dir)
+        if self.kind == "slurm" and self.job is not None:
+            state = _slurm_state(self.job)
+            if state != "UNKNOWN":
+                return state not in SLURM_ALIVE
+            # Neither sacct nor squeue knows it (no accounting and it left the queue): done once
+            # its result file is there, or a minute after it vanished.
+            if self.job.paths.result_pickle.exists():
+                return True
+            self._gone_since = self._gone_since or time.time()
+            return time.time() - self._gone_since > 60
         if self.job is not None:
             return bool(self.job.done())
-        return not _lock_held(job_dir(self.cell.run_dir))  # an earlier driver's local job: done when its lock is free
+        # An earlier driver's local job: done when neither its controller nor the cell's lock lives.
+        return not (self.pid is not None and _pid_alive(self.pid)) and not _lock_held(folder)
 
     def error(self) -> str | None:
-        if self.job is None:
+        """The failure in one line: cft-train's own last stderr lines (span.json), else the
+        exception line of submitit's traceback, else the job's end state."""
+        span = _read_span(job_dir(self.cell.run_dir))
+        if span.get("error"):
+            return " | ".join(span["error"][-3:])[:2000]
+        job = self.job
+        if job is None:
             return None
         try:
-            exc = self.job.exception()
-        except Exception as err:  # submitit cannot read the job's result (e.g. killed before writing it)
-            return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            exc = job.exception()
+        except Exception as err:  # no result file: killed, cancelled, out of time or memory
+            state = _slurm_state(job) if self.kind == "slurm" else getattr(job, "state", "?")
+            return f"the job ended without a result (state {state}): {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
         if exc is None:
             return None
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        cft = [ln for ln in lines if "CftError" in ln]
-        return (cft[-1] if cft else lines[-1] if lines else type(exc).__name__)[:2000]
+        return _exception_line(str(exc))
+
+
+def _exception_line(text: str) -> str:
+    """The exception line of a submitit failure message (the traceback sits between dashed lines)."""
+    parts = [p for p in text.split("\n") if p.strip()]
+    dashes = [i for i, line in enumerate(parts) if set(line.strip()) == {"-"}]
+    body = parts[dashes[0] + 1:dashes[1]] if len(dashes) >= 2 else parts
+    return (body[-1].strip() if body else text.strip()[:200])[:2000]
 
 
 def _lock_held(folder: Path) -> bool:
@@ -243,25 +364,18 @@ def _lock_held(folder: Path) -> bool:
     return False
 
 
-def _slurm_alive(folder: Path, job_id: str) -> Any:
-    """The recorded Slurm job, when it is still pending or running (sacct through submitit)."""
-    import submitit
-
-    job = submitit.SlurmJob(folder=folder, job_id=job_id)
-    state = job.state.upper()
-    return job if state.split()[0] in {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"} else None
-
-
 def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str, Any], state_file: Path,
              console: Any, settings: LauncherSettings) -> bool:
     """Submit the cells that are missing, wait for them all, record each as it ends. Returns False
     when a cell failed (or is stale, or could not run because its donor failed)."""
     from cft_adapters.study_summary import write_outputs
 
+    slots = _device_slots(settings)
     deps = dependencies(cells)
-    status: dict[str, str] = {}  # key -> done | failed | stale
+    status: dict[str, str] = {}  # key -> done | failed | stale | blocked
     running: dict[str, _Running] = {}
     free_slots = list(range(settings.max_parallel))
+    not_alive: set[str] = set()  # cells whose recorded job was asked about once and is gone
     study_path = study_path.resolve()
     ok = True
 
@@ -283,16 +397,19 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
         nonlocal ok
         cell = run.cell
         key = _state_key(cell)
+        if run.slot is not None:
+            free_slots.append(run.slot)
         span = _read_span(job_dir(cell.run_dir))
         record = state["cells"].setdefault(key, {})
-        error = run.error()
-        if cell_finished(cell, state) and not error:
+        error = None if cell_finished(cell, state) else run.error()
+        if error and ANOTHER_JOB in error:  # lost the race to a live job of an earlier driver: wait for that one
+            console.print(f"{key}: another job holds the cell; waiting for it")
+            return
+        if cell_finished(cell, state):
             cell.status = "done"
         else:
             cell.status, ok = "failed", False
-            error = error or (span.get("error") and " | ".join(span["error"])) or (
-                f"the job ended without finishing the cell; see {job_dir(cell.run_dir)}")
-            record["error"] = error
+            error = error or f"the job ended without finishing the cell; see the logs in {job_dir(cell.run_dir)}"
             console.print(f"[red]cell {key} failed[/]: {error}", highlight=False)
         cell.shared = span.get("shared", record.get("shared", []))
         if "started" in span and "ended" in span:
@@ -302,9 +419,9 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
                       span={k: span[k] for k in ("started", "ended") if k in span})
         if cell.status == "done":
             record.pop("error", None)
+        else:
+            record["error"] = error
         status[key] = cell.status
-        if run.slot is not None:
-            free_slots.append(run.slot)
         save()
         write_outputs(study, study_path, cells, state, console, plot=False)
         console.print(f"[bold]{key}[/]: {cell.status} ({len([s for s in status.values() if s == 'done'])}/{len(cells)} done)")
@@ -319,25 +436,31 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
                 after = None
                 if donor is not None and status.get(donor) in ("failed", "stale", "blocked"):
                     cell.status, status[key], ok = "failed", "blocked", False
-                    state["cells"].setdefault(key, {}).update(status="failed", error=f"not run: the cell it shares phases with ({donor}) failed")
+                    state["cells"].setdefault(key, {}).update(
+                        status="failed", error=f"not run: the cell it shares phases with ({donor}) failed")
                     console.print(f"[red]cell {key}[/]: not run, its donor {donor} failed")
                     save()
+                    continue
+                adopted = _adopt(cell, state, settings, not_alive)
+                if adopted is not None:
+                    if adopted.slot is not None and adopted.slot in free_slots:
+                        free_slots.remove(adopted.slot)  # its devices are taken
+                    else:
+                        adopted.slot = None
+                    running[key] = adopted
+                    console.print(f"{key}: a job of an earlier driver is still at work ({adopted.adopted}); waiting for it")
                     continue
                 if donor is not None and status.get(donor) != "done":
                     if settings.kind == "slurm" and donor in running and running[donor].job_id:
                         after = running[donor].job_id
                     else:
                         continue
-                adopted = _adopt(cell, state, settings)
-                if adopted is not None:
-                    running[key] = adopted
-                    console.print(f"{key}: a job of an earlier driver is still at work ({adopted.adopted}); waiting for it")
-                    continue
-                if len(running) >= settings.max_parallel:
+                if len(running) >= settings.max_parallel or not free_slots:
                     continue
                 slot = free_slots.pop(0)
                 try:
-                    running[key] = _submit(cell, key, donor, after, slot, study, study_path, state, settings, console)
+                    running[key] = _submit(cell, key, donor, after, slot, slots[slot], study, study_path, state,
+                                           settings, console)
                 except CftError as exc:
                     free_slots.append(slot)
                     cell.status, status[key], ok = "failed", "failed", False
@@ -350,14 +473,22 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
                     finish(run)
             if not running and all(_state_key(c) in status for c in cells):
                 break
-            if running:
-                time.sleep(settings.poll_seconds)
+            if not running and not any(_ready(c, deps, status) for c in cells if _state_key(c) not in status):
+                break  # nothing can start (cannot happen with a valid plan; never spin)
+            time.sleep(settings.poll_seconds)
     except KeyboardInterrupt:
         ids = ", ".join(f"{k} ({r.job_id or r.adopted})" for k, r in running.items())
-        console.print(f"[yellow]driver interrupted; jobs keep running: {ids or 'none'}. Rerun the same command to "
-                      "wait for them and submit the rest.[/]")
+        where = ("Slurm jobs keep running" if settings.kind == "slurm" else
+                 "local jobs started from this terminal got the interrupt too; their finished phases are kept")
+        console.print(f"[yellow]driver interrupted ({ids or 'no job running'}): {where}. Rerun the same command to "
+                      "wait for live jobs and submit the rest.[/]")
         raise
     return ok
+
+
+def _ready(cell: Cell, deps: dict[str, str | None], status: dict[str, str]) -> bool:
+    donor = deps[_state_key(cell)]
+    return donor is None or donor not in status or status[donor] == "done"
 
 
 def _read_span(folder: Path) -> dict[str, Any]:
@@ -367,41 +498,58 @@ def _read_span(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _adopt(cell: Cell, state: dict[str, Any], settings: LauncherSettings) -> _Running | None:
+def _adopt(cell: Cell, state: dict[str, Any], settings: LauncherSettings, not_alive: set[str]) -> _Running | None:
     """A job an earlier driver submitted for this cell that is still alive, to wait for instead of
-    submitting another one."""
+    submitting another one: its lock is held, or its recorded job (a local controller's pid, or a
+    Slurm job, whatever launcher this driver uses) is still there. A recorded job found gone is not
+    asked about again in this driver run."""
+    key = _state_key(cell)
     folder = job_dir(cell.run_dir)
+    job = state.get("cells", {}).get(key, {}).get("job", {})
+    slot = job.get("slot")
     if _lock_held(folder):
-        return _Running(cell, adopted=f"lock {folder / CELL_LOCK} held")
-    job = state.get("cells", {}).get(_state_key(cell), {}).get("job", {})
-    if job.get("launcher") == "slurm" and job.get("id") and settings.kind == "slurm":
-        alive = _slurm_alive(folder, str(job["id"]))
-        if alive is not None:
-            return _Running(cell, job=alive, adopted=f"Slurm job {job['id']}")
+        return _Running(cell, adopted=f"lock {folder / CELL_LOCK} held", slot=slot,
+                        pid=int(job["id"]) if job.get("launcher") == "local" and str(job.get("id", "")).isdigit() else None)
+    if key in not_alive or not job.get("id"):
+        return None
+    job_id = str(job["id"])
+    if job.get("launcher") == "local" and job_id.isdigit() and _pid_alive(int(job_id)):
+        return _Running(cell, adopted=f"local job {job_id}", slot=slot, pid=int(job_id))
+    if job.get("launcher") == "slurm":
+        import submitit
+
+        slurm_job = submitit.SlurmJob(folder=folder, job_id=job_id)
+        state_now = _slurm_state(slurm_job)
+        # UNKNOWN (sacct lagging, or no accounting) counts as alive unless the job left its result:
+        # waiting on a dead job costs a minute (_Running.done), a second job for a live cell costs a run.
+        if state_now in SLURM_ALIVE and not (state_now == "UNKNOWN" and slurm_job.paths.result_pickle.exists()):
+            return _Running(cell, job=slurm_job, adopted=f"Slurm job {job_id} ({state_now})", kind="slurm")
+    not_alive.add(key)
     return None
 
 
-def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: int, study: Study, study_path: Path,
-            state: dict[str, Any], settings: LauncherSettings, console: Any) -> _Running:
+def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: int, gpus: tuple[int, ...],
+            study: Study, study_path: Path, state: dict[str, Any], settings: LauncherSettings, console: Any) -> _Running:
     folder = job_dir(cell.run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPAN).unlink(missing_ok=True)
-    gpus = tuple(range(slot * settings.gpus_per_job, (slot + 1) * settings.gpus_per_job)) if settings.kind == "local" else ()
     name = f"cft-{Path(study.output_dir).name}-{cell.condition}-s{cell.seed}"
     accelerate = settings.accelerate_config
     if accelerate and not Path(accelerate).is_absolute():
         accelerate = str((study_path.parent / accelerate).resolve())
-    job = CellJob(str(study_path), key, donor, os.getcwd(), settings.gpus_per_job, accelerate)
+    job = CellJob(str(study_path), key, donor, os.getcwd(), str(cell.run_dir), settings.gpus_per_job, accelerate,
+                  os.environ.get("CUDA_VISIBLE_DEVICES"))
     record = state["cells"].setdefault(key, {})
     record.update(status="submitted", keys=phase_keys(cell.recipe))  # what the job checks it runs
+    record.pop("error", None)
     write_atomic(Path(study.output_dir) / "cells.json", json.dumps(state, indent=2) + "\n")
     try:
         submitted = _executor(settings, folder, name, after, gpus).submit(job)
     except Exception as exc:  # sbatch refused it, srun missing, ...: the cell fails, the study goes on
         raise CftError(f"{key}: could not submit the job to {settings.kind}: {exc}") from None
-    record["job"] = {"launcher": settings.kind, "id": str(submitted.job_id), "folder": str(folder),
-                     "stdout": str(submitted.paths.stdout), "stderr": str(submitted.paths.stderr),
+    record["job"] = {"launcher": settings.kind, "id": str(submitted.job_id), "folder": str(folder), "slot": slot,
+                     "gpus": list(gpus), "stdout": str(submitted.paths.stdout), "stderr": str(submitted.paths.stderr),
                      **({"after": after} if after else {})}
     console.print(f"{key}: submitted ({settings.kind} job {submitted.job_id}{f', after {after}' if after else ''}); "
                   f"log {submitted.paths.stderr}")
-    return _Running(cell, job=submitted, slot=slot)
+    return _Running(cell, job=submitted, slot=slot, kind=settings.kind)

@@ -44,6 +44,8 @@ def _cell_result(cell: Cell, state: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"condition": cell.condition, "seed": cell.seed, "run_dir": str(cell.run_dir),
                            "status": info.get("status", "pending"), "wall_seconds": info.get("wall_seconds"),
                            "shared_phases": info.get("shared", []), "phases": []}
+    if info.get("error") and info.get("status") != "done":
+        row["error"] = info["error"]
     if not (cell.run_dir / "run.json").is_file():
         return row
     manifest = RunManifest.read(cell.run_dir)
@@ -243,6 +245,9 @@ def study_markdown(result: dict[str, Any]) -> str:
     lines += ["", "wall s: time this study spent on the cell (shared phases are not redone). compute s: training plus "
                   "evaluation seconds of all its phases, shared ones included (what the condition costs on its own).",
               "", f"Study wall time: {result['study_wall_seconds']} s.", ""]
+    failed = [c for c in result["cells"] if c.get("error")]
+    if failed:
+        lines += ["## Failed cells", ""] + [f"- {c['condition']} / seed {c['seed']}: {c['error']}" for c in failed] + [""]
     t = result.get("time_breakdown")
     if t and t["cells_wall"]:
         share = {k: f"{v} s ({100 * v / t['cells_wall']:.0f}%)" for k, v in t.items() if k != "cells_wall"}

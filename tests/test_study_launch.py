@@ -92,11 +92,12 @@ def test_a_multi_gpu_cell_runs_under_accelerate_launch(tmp_path: Path) -> None:
 
     path = _study(tmp_path, "gpu")
     cell = load_cells(load_study(path), path)[0]
-    one = CellJob(str(path), "a/seed_0", None, str(tmp_path), gpus=1).command(cell)
+    one = CellJob(str(path), "a/seed_0", None, str(tmp_path), str(cell.run_dir), gpus=1).command(cell)
     assert one[1:4] == ["-m", "cft_adapters.cli", str(SMOKE)] and "training.seed=0" in one
-    two = CellJob(str(path), "a/seed_0", None, str(tmp_path), gpus=2, accelerate_config="/cfg/ddp.yaml").command(cell)
-    assert two[1:7] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", "/cfg/ddp.yaml"]
-    assert two[7:10] == ["-m", "cft_adapters.cli", str(SMOKE)]
+    two = CellJob(str(path), "a/seed_0", None, str(tmp_path), str(cell.run_dir), gpus=2,
+                  accelerate_config="/cfg/ddp.yaml").command(cell)
+    assert two[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"] and two[5] == "--main_process_port"
+    assert two[7:9] == ["--config_file", "/cfg/ddp.yaml"] and two[9:12] == ["-m", "cft_adapters.cli", str(SMOKE)]
 
 
 def test_launcher_flags_override_the_study_file_and_bad_values_name_the_key(tmp_path: Path, capsys) -> None:
@@ -127,6 +128,10 @@ def test_slurm_without_a_cluster_fails_each_cell_with_a_clear_error(tmp_path: Pa
     assert "not run, its donor a/seed_0 failed" in out
     cells = json.loads((tmp_path / "noslurm" / "cells.json").read_text())["cells"]
     assert cells["b/seed_0"]["error"].startswith("not run: the cell it shares phases with (a/seed_0) failed")
+    summary = {(c["condition"], c["seed"]): c for c in json.loads((tmp_path / "noslurm" / "study.json").read_text())["cells"]}
+    assert "could not submit the job to slurm" in summary[("a", 0)]["error"]  # the error reaches the summary
+    md = (tmp_path / "noslurm" / "study.md").read_text()
+    assert "## Failed cells" in md and "- b / seed 0: not run: the cell it shares phases with (a/seed_0) failed" in md
 
 
 # -- the local executor, for real ----------------------------------------------------------------
@@ -158,13 +163,17 @@ def local_study(tmp_path_factory, tiny_model_path) -> dict:
     state = json.loads((out / "cells.json").read_text())
     done = [k for k, c in state["cells"].items() if c.get("status") == "done"]
     adapters = {k: _adapter(out, k).stat().st_mtime_ns for k in done}
+    from cft_adapters.study_launch import _lock_held
+
+    live = [k for k in KEYS if _lock_held(out / "cells" / f"{k}.job")]  # jobs the killed driver left at work
     import contextlib
     import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = study_main(args)
-    return {"path": path, "out": out, "rc": rc, "printed": buf.getvalue(), "done_before": done, "adapters": adapters}
+    return {"path": path, "out": out, "rc": rc, "printed": buf.getvalue(), "done_before": done, "adapters": adapters,
+            "live": live}
 
 
 def _adapter(out: Path, key: str) -> Path:
@@ -198,6 +207,8 @@ def test_a_killed_driver_is_resumed_without_a_second_job_for_any_cell(local_stud
     for key in local_study["done_before"]:
         assert f"{key}: finished, skipped" in printed
     assert {k: _adapter(out, k).stat().st_mtime_ns for k in local_study["done_before"]} == local_study["adapters"]
+    for key in local_study["live"]:
+        assert f"{key}: a job of an earlier driver is still at work" in printed
     for key in KEYS:  # one job per cell, ever: a job the killed driver left running was waited for, not resubmitted
         assert len(list((out / "cells" / f"{key}.job").glob("*_submitted.pkl"))) == 1, key
 
@@ -209,3 +220,23 @@ def test_local_jobs_score_what_the_sequential_run_scores(local_study, tmp_path: 
     seq.write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / "seq")}, sort_keys=False), encoding="utf-8")
     assert study_main([str(seq)]) == 0
     assert _scores(tmp_path / "seq") == _scores(local_study["out"])
+
+
+def test_local_gpu_slots_come_from_the_drivers_visible_devices(monkeypatch) -> None:
+    from cft_adapters.errors import CftError
+    from cft_adapters.study_launch import _device_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    assert _device_slots(LauncherSettings(kind="local", max_parallel=2, gpus_per_job=2)) == [(3, 5), (6, 7)]
+    assert _device_slots(LauncherSettings(kind="local", max_parallel=2)) == [(), ()]  # gpus_per_job 0: the job keeps the driver's view
+    with pytest.raises(CftError, match="needs 6 GPUs; this machine shows 4"):
+        _device_slots(LauncherSettings(kind="local", max_parallel=3, gpus_per_job=2))
+
+
+def test_a_failed_jobs_error_is_the_exception_line_of_its_traceback() -> None:
+    from cft_adapters.study_launch import _exception_line
+
+    text = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call last):\n"
+            '  File "x.py", line 1, in <module>\ncft_adapters.errors.RecipeError: recipe.yaml: training.lr: expected a number\n'
+            "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /x_log.err\n")
+    assert _exception_line(text) == "cft_adapters.errors.RecipeError: recipe.yaml: training.lr: expected a number"
