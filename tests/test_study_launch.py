@@ -207,8 +207,8 @@ def test_a_killed_driver_is_resumed_without_a_second_job_for_any_cell(local_stud
     for key in local_study["done_before"]:
         assert f"{key}: finished, skipped" in printed
     assert {k: _adapter(out, k).stat().st_mtime_ns for k in local_study["done_before"]} == local_study["adapters"]
-    for key in local_study["live"]:
-        assert f"{key}: a job of an earlier driver is still at work" in printed
+    for key in local_study["live"]:  # at work when the driver died: waited for, or finished before the rerun looked
+        assert f"{key}: a job of an earlier driver is still at work" in printed or f"{key}: finished, skipped" in printed
     for key in KEYS:  # one job per cell, ever: a job the killed driver left running was waited for, not resubmitted
         assert len(list((out / "cells" / f"{key}.job").glob("*_submitted.pkl"))) == 1, key
 
