@@ -401,11 +401,12 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
             free_slots.append(run.slot)
         span = _read_span(job_dir(cell.run_dir))
         record = state["cells"].setdefault(key, {})
-        error = None if cell_finished(cell, state) else run.error()
+        finished = cell_finished(cell, state)
+        error = None if finished else run.error()
         if error and ANOTHER_JOB in error:  # lost the race to a live job of an earlier driver: wait for that one
             console.print(f"{key}: another job holds the cell; waiting for it")
             return
-        if cell_finished(cell, state):
+        if finished:
             cell.status = "done"
         else:
             cell.status, ok = "failed", False
