@@ -333,7 +333,8 @@ def analyze_main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.run_dir)
             out, png = drift_outputs(run_dir, Path(args.out) if args.out else None)
             prompts = read_probe(Path(args.probe)) if args.probe else default_probe()
-            result = run_drift(run_dir, prompts, console, args.batch_size, allow_remote_code=args.trust_remote_code)
+            result = run_drift(run_dir, prompts, console, args.batch_size, allow_remote_code=args.trust_remote_code,
+                               probe_source=args.probe)
             _write_json(out, result)
             plot_drift(result, png)
             for t in result["transitions"]:

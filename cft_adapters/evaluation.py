@@ -219,15 +219,19 @@ def run_lm_eval(model: Any, tokenizer: Any, eval_cfg: EvalConfig) -> dict[str, A
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_cfg.batch_size)
     started = time.perf_counter()
     limit = eval_cfg.limit if eval_cfg.limit is None or eval_cfg.limit < 1 else int(eval_cfg.limit)
+    names = scored_tasks(eval_cfg)
+    manager = task_manager(names)
+    tasks: list[Any] = list(names)
     samples = None
     if eval_cfg.limits:  # per-task limits: lm-eval takes them as the documents to score per leaf task
-        samples, limit = leaf_samples(scored_tasks(eval_cfg), eval_cfg), None
+        tasks, loaded = load_tasks(names, manager)  # built once: simple_evaluate takes the objects
+        samples, limit = leaf_samples_of(loaded, eval_cfg), None
     try:
         with alpacaeval.judging(eval_cfg.judge):
             results = simple_evaluate(
                 model=lm,
-                tasks=scored_tasks(eval_cfg),
-                task_manager=task_manager(scored_tasks(eval_cfg)),
+                tasks=tasks,
+                task_manager=manager,
                 num_fewshot=eval_cfg.num_fewshot,
                 limit=limit,
                 samples=samples,
@@ -245,28 +249,42 @@ def run_lm_eval(model: Any, tokenizer: Any, eval_cfg: EvalConfig) -> dict[str, A
     return results
 
 
-def leaf_samples(tasks: list[str], eval_cfg: EvalConfig) -> dict[str, list[int]]:
-    """{leaf task: the first n document indices} for lm-eval's `samples`: n is the leaf's limit in
-    `eval_cfg.limits` (eval_cost.limit_for), else `eval_cfg.limit`; leaves with neither are scored
-    whole (left out)."""
-    from lm_eval.tasks import get_task_dict
+def load_tasks(names: Sequence[str], manager: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The tasks and groups `names` stand for, built once (their documents are read as they are
+    built): the top-level Task/Group objects for `simple_evaluate`, which takes them as they are,
+    and lm-eval's flat {tasks, groups, group_map}. A name that is neither a task nor a group (a tag)
+    leaves the names themselves to be loaded again."""
+    loaded = manager.load(list(names))
+    top = [loaded["groups"].get(n, loaded["tasks"].get(n)) for n in names]
+    return (top if all(t is not None for t in top) else list(names)), loaded
 
+
+def leaf_samples(tasks: list[str], eval_cfg: EvalConfig) -> dict[str, list[int]]:
+    """`leaf_samples_of` the loaded `tasks`."""
+    return leaf_samples_of(task_manager(tasks).load(list(tasks)), eval_cfg)
+
+
+def leaf_samples_of(loaded: dict[str, Any], eval_cfg: EvalConfig) -> dict[str, list[int]]:
+    """{leaf task: the first n document indices} for lm-eval's `samples`: n is the leaf's limit in
+    `eval_cfg.limits` (eval_cost.limit_for, matched on the leaf and the groups above it), else
+    `eval_cfg.limit`; leaves with neither are scored whole (left out)."""
     from cft_adapters.eval_cost import examples_limit
 
+    parent = {child: group for group, children in loaded["group_map"].items() for child in children}
+
+    def above(name: str) -> tuple[str, ...]:
+        chain: list[str] = []
+        while name in parent and parent[name] not in chain:
+            name = parent[name]
+            chain.append(name)
+        return tuple(chain)
+
     out: dict[str, list[int]] = {}
-
-    def visit(node: dict, above: tuple[str, ...]) -> None:
-        for key, value in node.items():
-            name = getattr(key, "group_name", key)
-            if isinstance(value, dict):
-                visit(value, (name, *above))
-                continue
-            size = len(value.eval_docs)
-            n = examples_limit((name, *above), eval_cfg.limits, eval_cfg.limit, size)
-            if n is not None:
-                out[name] = list(range(min(n, size)))
-
-    visit(get_task_dict(tasks, task_manager(tasks)), ())
+    for name, task in loaded["tasks"].items():
+        size = len(task.eval_docs)
+        n = examples_limit((name, *above(name)), eval_cfg.limits, eval_cfg.limit, size)
+        if n is not None:
+            out[name] = list(range(min(n, size)))
     return out
 
 

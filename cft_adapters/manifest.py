@@ -75,7 +75,10 @@ class PhaseRecord(BaseModel):
     eval_status: Literal["pending", "done", "failed", "skipped"] = "pending"
     eval_error: str | None = None
     eval_groups: dict[str, list[str]] = Field(default_factory=dict, description="lm-eval's group -> member tasks.")
-    eval_seconds: float | None = None
+    eval_seconds: float | None = Field(
+        None, description="Seconds this run spent on the phase's last scoring (scores restored from the base "
+        "score cache count the restore, not the original scoring)."
+    )
     eval_tasks: list[str] = Field(default_factory=list, description="The eval.tasks that were scored.")
     eval_files: list[str] = Field(default_factory=list, description="lm-eval results files written for this phase.")
     eval_settings: dict[str, Any] | None = Field(

@@ -277,7 +277,8 @@ class PhaseRunner:
         probe = self.recipe.analysis.drift_probe
         prompts = read_probe(Path(probe)) if probe else default_probe()
         # This run's own recipe asked for the model's code (or not): no second question here.
-        result = run_drift(self.run_dir, prompts, self.console, allow_remote_code=self.recipe.model.trust_remote_code)
+        result = run_drift(self.run_dir, prompts, self.console, allow_remote_code=self.recipe.model.trust_remote_code,
+                           probe_source=probe)
         write_atomic(out, json.dumps(result, indent=2) + "\n")
         plot_drift(result, png)
         self.console.print(f"drift: {out} and {png}")

@@ -6,7 +6,8 @@ revision...) and what it resolved to (a builtin's builder digest, a local folder
 sizes and times, a hub snapshot's commit), the eval section and the eval settings, the task
 definitions (every file under `lm_eval_tasks/`: versions, prompts, data), the package versions
 (lm-eval's own tasks come with lm-eval), and the device. An entry holds exactly what scoring wrote:
-lm-eval's results file (and samples), the summary, the groups and the time it took. It is written
+lm-eval's results file (and samples), the summary, the groups and the time the scoring took (a run
+that restores the entry records the restore's own time as its eval_seconds). It is written
 once, atomically, under a lock; an entry that does not read back whole is moved aside and the base
 scored again. `CFT_NO_SCORE_CACHE=1` turns the cache off.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,11 +105,14 @@ class CachedScores:
     eval_cfg: EvalConfig
 
     def score(self, adapter_dir: Path | None, out_dir: Path) -> EvalOutcome:
+        """The stored scores, restored into `out_dir`. Its seconds are this restore's own (what this run
+        spent on the evaluation), not the original scoring's, which stays in the entry."""
+        started = time.perf_counter()
         for name, text in self.texts.items():
             write_atomic(out_dir / name, text)
         e = self.entry
         return EvalOutcome({t: dict(m) for t, m in e["metrics"].items()}, {g: list(c) for g, c in e["groups"].items()},
-                           e["seconds"], out_dir / e["results_file"])
+                           round(time.perf_counter() - started, 3), out_dir / e["results_file"])
 
 
 class BaseScoreCache:

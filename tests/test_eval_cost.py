@@ -40,6 +40,22 @@ def test_lm_eval_scores_the_first_n_examples_of_each_limited_task() -> None:
     assert with_limit == {"cft_smoke_alpacaeval": list(range(6))}
 
 
+def test_a_limit_on_a_group_reaches_the_leaves_of_its_nested_groups(tmp_path) -> None:
+    from cft_adapters.tasks_path import use_include_paths
+
+    (tmp_path / "_nested.yaml").write_text("group: cft_test_nested\ntask:\n  - cft_smoke_ml\n  - cft_smoke_en_mc\n"
+                                           "metadata:\n  version: 1.0\n")
+    use_include_paths([str(tmp_path)])
+    try:
+        cfg = EvalConfig(tasks=["cft_test_nested"], limits={"cft_test_nested": 2, "cft_smoke_ml": 4})
+        samples = leaf_samples(["cft_test_nested"], cfg)
+    finally:
+        use_include_paths([])
+    # the nearest named group wins: cft_smoke_ml (the leaves' parent) over cft_test_nested above it
+    assert samples == {"cft_smoke_ml_de": list(range(4)), "cft_smoke_ml_es": list(range(4)),
+                       "cft_smoke_ml_fr": list(range(4)), "cft_smoke_en_mc": [0, 1]}
+
+
 def test_a_limit_that_matches_no_scored_task_is_refused_up_front() -> None:
     cfg = EvalConfig(tasks=["cft_smoke_en"], limits={"cft_smoke_en_mcq": 5})
     with pytest.raises(CftError, match=r"smoke.yaml: eval.limits.cft_smoke_en_mcq: matches none of the tasks"):

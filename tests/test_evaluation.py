@@ -60,6 +60,17 @@ def test_adapter_swap_scores_exactly_like_a_fresh_load(smoke_run: Path, tmp_path
     assert swapped[1][0] == swapped[1][1]
     for index in (0, 1, 2):
         assert swapped[index][0] == _fresh_scores(manifest, smoke_run, eval_cfg, index, tmp_path), index
+    # per-task limits (the tasks built once, handed to lm-eval as objects) score what one limit does
+    limited = eval_cfg.model_copy(update={"limit": None, "limits": {"cft_smoke_en_mc": 6, "cft_smoke_ml_*": 6}})
+    assert CheckpointScorer(limited, scorer.tokenizer, base, scorer.peft_model).score(
+        None, tmp_path / "limits").metrics == swapped[0][0]
+    # ... and on groups: the same members and the same group aggregates
+    groups = EvalConfig(tasks=["cft_smoke_en", "cft_smoke_ml"], limit=3, batch_size=4)
+    by_limit = CheckpointScorer(groups, scorer.tokenizer, base, scorer.peft_model).score(None, tmp_path / "g1")
+    by_limits = CheckpointScorer(groups.model_copy(update={"limit": None, "limits": {"cft_smoke_en": 3, "cft_smoke_ml": 3}}),
+                                 scorer.tokenizer, base, scorer.peft_model).score(None, tmp_path / "g2")
+    assert by_limits.metrics == by_limit.metrics and by_limits.groups == by_limit.groups
+    assert {"cft_smoke_en", "cft_smoke_ml"} <= set(by_limits.metrics)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,20 @@ def default_probe() -> list[str]:
     return [row["prompt"] for row in read_jsonl(PROBE_FILE)]
 
 
+def probe_digest(prompts: list[str]) -> str:
+    """Which probe a drift.json was made on (the prompts themselves, not just their count)."""
+    from cft_adapters.util.digest import canonical_json, short_digest
+
+    return short_digest(canonical_json(prompts))
+
+
+def drift_checkpoints(manifest: RunManifest) -> list[dict[str, Any]]:
+    """The checkpoints drift compares: the base and every finished phase, each with its adapter's
+    digest, so a drift.json made before a phase was retrained or added no longer matches."""
+    return [{"index": r.index, "name": r.name, "adapter": r.train.final_digest if r.train else None}
+            for r in manifest.phases if r.index == 0 or r.status == "done"]
+
+
 def read_probe(path: Path) -> list[str]:
     try:
         rows = read_jsonl(path)
@@ -97,12 +111,14 @@ def layer_drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[s
 
 
 def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int = 8, *,
-              allow_remote_code: bool = False) -> dict[str, Any]:
-    """`allow_remote_code`: honour `model.trust_remote_code: true` in the run's resolved recipe."""
+              allow_remote_code: bool = False, probe_source: str | None = None) -> dict[str, Any]:
+    """`allow_remote_code`: honour `model.trust_remote_code: true` in the run's resolved recipe.
+    `probe_source`: the probe file the prompts came from, recorded (None: the bundled probe)."""
     from cft_adapters.rundir import checked_manifest, inside, run_settings
 
     manifest: RunManifest = checked_manifest(run_dir)
     records = [r for r in manifest.phases if r.index == 0 or r.status == "done"]
+    checkpoints = drift_checkpoints(manifest)
     if len(records) < 2:
         raise CftError(f"{run_dir}: drift compares consecutive checkpoints, and this run has only the base "
                        f"(no finished phase yet)")
@@ -120,7 +136,8 @@ def run_drift(run_dir: Path, prompts: list[str], console: Any, batch_size: int =
     for prev, cur in zip(records, records[1:]):
         transitions.append({"from": f"{prev.index} {prev.name}", "to": f"{cur.index} {cur.name}",
                             **layer_drift(features[prev.index], features[cur.index])})
-    return {"run": str(run_dir), "probe_prompts": len(prompts), "layers": len(features[0]),
+    return {"run": str(run_dir), "probe": probe_source, "probe_prompts": len(prompts),
+            "probe_digest": probe_digest(prompts), "checkpoints": checkpoints, "layers": len(features[0]),
             "layer_index_note": "index 0 is the embedding output; index i is the output of block i-1",
             "transitions": transitions}
 

@@ -3,7 +3,8 @@ group of runs than in another, layer by layer (the paper: "dissimilar data produ
 covariance shift in higher layers").
 
 Each run's drift (drift.py) is read from <run>/analysis/drift.json, or computed on the bundled probe
-when that file is missing or was made on a different probe. The transition compared is each run's
+when that file is missing, was made on a different probe, or on other checkpoints (a phase added or
+retrained since). The transition compared is each run's
 last (phase 1 → phase 2 in a two-phase run). Per layer: the mean covariance shift of group A and of
 group B over their runs (seeds), and the ratio B / A, with a 95% percentile-bootstrap interval that
 resamples the runs of each group (10,000 resamples, seeded). One run per group gives no interval,
@@ -27,13 +28,18 @@ RESAMPLES = 10_000
 
 def run_shift(run_dir: Path, prompts: list[str], console: Any, compute: Any) -> list[float]:
     """The per-layer covariance shift of the run's last transition, from its drift.json when it was
-    made on these prompts, else computed with `compute(run_dir, prompts)` (and written there)."""
+    made on these prompts and on the run's current checkpoints (the same adapters), else computed
+    with `compute(run_dir, prompts)` (and written there)."""
+    from cft_adapters.analysis.drift import drift_checkpoints, probe_digest
+    from cft_adapters.rundir import checked_manifest
+
     path = run_dir / "analysis" / "drift.json"
     result = None
     if path.is_file():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("probe_prompts") == len(prompts) and saved.get("transitions"):
+            if (isinstance(saved, dict) and saved.get("transitions") and saved.get("probe_digest") == probe_digest(prompts)
+                    and saved.get("checkpoints") == drift_checkpoints(checked_manifest(run_dir))):
                 result = saved
         except ValueError:
             result = None

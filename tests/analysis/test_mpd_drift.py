@@ -9,6 +9,7 @@ import torch
 from cft_adapters.analysis.drift import layer_drift, linear_cka
 from cft_adapters.analysis.mpd import mpd
 from cft_adapters.cli import analyze_main
+from cft_adapters.manifest import RunManifest
 from cft_adapters.recipe import load_recipe
 
 from conftest import SMOKE
@@ -115,6 +116,9 @@ def test_cft_train_writes_drift_when_the_recipe_asks(tmp_path) -> None:
     assert main([str(SMOKE), f"output_dir={out}", "eval.tasks=[]", "analysis.drift=true", "training.max_steps=3"]) == 0
     result = json.loads((out / "analysis" / "drift.json").read_text())
     assert len(result["transitions"]) == 2 and (out / "analysis" / "drift.png").is_file()
+    assert result["probe"] is None and result["probe_prompts"] == 88  # the bundled probe
+    manifest = RunManifest.read(out)
+    assert [c["adapter"] for c in result["checkpoints"]] == [None] + [p.train.final_digest for p in manifest.phases[1:]]
 
 
 def test_the_bundled_drift_probe_is_a_general_english_instruction_set(tmp_path) -> None:
@@ -171,5 +175,15 @@ def test_drift_compare_writes_a_per_layer_ratio_with_intervals_over_seeds(tmp_pa
     stamp = (Path(runs["similar"][0]) / "analysis" / "drift.json").stat().st_mtime_ns
     assert analyze_main(["drift-compare", *runs["similar"], "--", *runs["dissimilar"], "--out", str(out)]) == 0
     assert (Path(runs["similar"][0]) / "analysis" / "drift.json").stat().st_mtime_ns == stamp
+    # ... but not one made on other checkpoints (a phase retrained since): that run's drift is redone
+    saved = Path(runs["similar"][0]) / "analysis" / "drift.json"
+    stale = json.loads(saved.read_text())
+    stale["checkpoints"][-1]["adapter"] = "0" * 16
+    saved.write_text(json.dumps(stale))
+    other = (Path(runs["similar"][1]) / "analysis" / "drift.json").stat().st_mtime_ns
+    assert analyze_main(["drift-compare", *runs["similar"], "--", *runs["dissimilar"], "--out", str(out)]) == 0
+    redone = json.loads(saved.read_text())
+    assert (Path(runs["similar"][1]) / "analysis" / "drift.json").stat().st_mtime_ns == other  # still reused
+    assert redone["checkpoints"][-1]["adapter"] == RunManifest.read(Path(runs["similar"][0])).phases[-1].train.final_digest
     assert analyze_main(["drift-compare", *runs["similar"], "--out", str(out)]) == 2
     assert "then --, then group B's" in capsys.readouterr().err
