@@ -440,7 +440,8 @@ def _study_parser() -> argparse.ArgumentParser:
     launch.add_argument("--mem-gb", type=float, metavar="GB", help="memory per cell (Slurm --mem)")
     launch.add_argument("--time", type=int, metavar="MIN", dest="time_min", help="time limit per cell, minutes")
     launch.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                        help="a further sbatch parameter (repeatable), e.g. --sbatch qos=high")
+                        help="a further sbatch parameter (repeatable), e.g. --sbatch qos=high; KEY alone is a flag "
+                        "(--sbatch exclusive)")
     launch.add_argument("--poll", type=float, metavar="SECONDS", dest="poll_seconds", help="how often the driver checks its jobs")
     return parser
 
@@ -459,9 +460,10 @@ def _launcher_settings(args: argparse.Namespace, study_path: str) -> Any:
         flags["kind"] = args.launcher
     for item in args.sbatch:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError([f"--sbatch {item}: expected KEY=VALUE (e.g. --sbatch qos=high)"])
-        base["sbatch"][key.strip().removeprefix("--")] = value
+        if not key.strip() or (sep and not value):
+            raise RecipeError([f"--sbatch {item}: expected KEY=VALUE, or KEY alone for a flag (e.g. --sbatch qos=high, "
+                               "--sbatch exclusive)"])
+        base["sbatch"][key.strip().removeprefix("--")] = value if sep else True
     try:
         return LauncherSettings.model_validate({**base, **flags})
     except ValidationError as exc:

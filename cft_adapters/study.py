@@ -39,7 +39,7 @@ from cft_adapters.recipe import Recipe
 from cft_adapters.rundir import claim
 from cft_adapters.util.fs import write_atomic
 from cft_adapters.study_cells import (  # noqa: F401  (re-exported)
-    Cell, _read_budgets, _stale, _state_key, cell_finished, load_cells, phase_keys, planned_donor, share_into,
+    Cell, _read_budgets, _stale, _state_key, cell_finished, load_cells, phase_keys, planned_donor, read_state, share_into,
 )
 from cft_adapters.study_config import LauncherSettings, Study, StudyCondition, load_study  # noqa: F401  (re-exported)
 from cft_adapters.study_summary import STUDY_JSON, STUDY_MD, STUDY_PNG, aggregate, summary_table, write_outputs  # noqa: F401  (re-exported)
@@ -158,7 +158,7 @@ def _run_study(study: Study, study_path: Path, console: Console, report_only: bo
     cells = load_cells(study, study_path)
     out = Path(study.output_dir)
     state_file = out / "cells.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_state(state_file)
     budgets: dict[int, dict[str, dict[str, int]]] = {}
     natural: dict[str, Any] = state.get("natural_tokens", {})
     if study.match_tokens:
@@ -204,13 +204,14 @@ def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str
         if _stale(cell, state, console):
             cell.status, ok = "stale", False
             continue
-        from cft_adapters.study_launch import CELL_LOCK, _lock_held, job_dir
+        from cft_adapters.study_launch import live_job
 
-        if _lock_held(job_dir(cell.run_dir)):  # a local / Slurm job of an earlier launcher is at work on it
+        job = live_job(cell, state)
+        if job is not None:  # a local / Slurm job of an earlier launcher is at work on it, or queued for it
             cell.status, ok = "failed", False
-            state["cells"].setdefault(key, {}).update(status="failed", error="a job of another launcher is at work on it")
-            console.print(f"[red]cell {key}[/]: a job is at work on it ({job_dir(cell.run_dir) / CELL_LOCK} is held); "
-                          "rerun with the launcher that started it, or once it ended")
+            state["cells"].setdefault(key, {}).update(status="failed", error=f"a job of another launcher is at work on it ({job})")
+            console.print(f"[red]cell {key}[/]: {job} is at work on it (or queued); rerun with the launcher that "
+                          "started it, or once it ended")
             continue
         cell.shared = share_into(cell, cells[:i], state)
         if cell.shared:
@@ -259,7 +260,7 @@ def dry_run(study_path: str | Path, console: Console, launcher: LauncherSettings
     study_path = Path(study_path)
     study = load_study(study_path)
     state_file = Path(study.output_dir) / "cells.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_state(state_file)
     saved = state.get("token_budgets", {}) if study.match_tokens else {}
     cells = load_cells(study, study_path, _read_budgets(saved))
     table = Table(title=f"study {study_path}: {len(study.conditions)} condition(s) x {len(study.seed_list)} seed(s)")

@@ -3,6 +3,7 @@ from another instead of retraining them (same phase key: config digest and evalu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -116,6 +117,25 @@ def planned_donor(cell: Cell, earlier: list[Cell]) -> tuple[Cell | None, int]:
         if n > best_n:
             best, best_n = donor, n
     return best, best_n
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A study's cells.json ({} before the first run). A damaged one is an error that names it and
+    says what to do, never a traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("expected a JSON object")
+        cells = state.get("cells", {})
+        if not isinstance(cells, dict) or not all(isinstance(v, dict) for v in cells.values()):
+            raise ValueError("'cells': expected an object of cell records")
+        _read_budgets(state.get("token_budgets", {}))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CftError(f"{path}: the study's state is unreadable ({exc}). Restore it, or move it away: the study "
+                       "then runs each cell's cft-train again, which keeps the phases its run.json says are done") from None
+    return state
 
 
 def _read_budgets(saved: dict[str, Any]) -> dict[int, dict[str, dict[str, int]]]:

@@ -33,8 +33,9 @@ class LauncherSettings(_Strict):
     time_min: int = Field(24 * 60, ge=1, description="Time limit per cell in minutes (Slurm --time; local: killed after it).")
     partition: str | None = Field(None, description="Slurm partition.")
     account: str | None = Field(None, description="Slurm account.")
-    sbatch: dict[str, str | int] = Field(
-        default_factory=dict, description="Further sbatch parameters, without '--' (e.g. {qos: high, constraint: a100}).")
+    sbatch: dict[str, bool | int | str] = Field(
+        default_factory=dict, description="Further sbatch parameters, without '--' (e.g. {qos: high, constraint: a100}); "
+        "true writes a bare flag (e.g. {exclusive: true} is --exclusive).")
     setup: list[str] = Field(default_factory=list, description="Shell lines each job runs first (module load, conda activate).")
     accelerate_config: str | None = Field(
         None, description="accelerate config file for cells with gpus_per_job above 1 (relative to the study file).")

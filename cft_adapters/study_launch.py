@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from cft_adapters.errors import CftError
-from cft_adapters.study_cells import Cell, _stale, _state_key, cell_finished, phase_keys, planned_donor, share_into
+from cft_adapters.study_cells import (
+    Cell,
+    _stale,
+    _state_key,
+    cell_finished,
+    phase_keys,
+    planned_donor,
+    read_state,
+    share_into,
+)
 from cft_adapters.study_config import LauncherSettings, Study
 from cft_adapters.util.fs import write_atomic
 
@@ -76,6 +85,7 @@ class CellJob:
     gpus: int = 0
     accelerate_config: str | None = None
     visible_devices: str | None = None  # with gpus 0: the driver's CUDA_VISIBLE_DEVICES (submitit blanks it)
+    launcher: str = "local"  # on Slurm the job keeps the devices Slurm gave it
 
     def __call__(self) -> dict[str, Any]:
         from filelock import FileLock, Timeout
@@ -93,13 +103,7 @@ class CellJob:
             write_atomic(folder / SPAN, json.dumps({"started": started, "pid": os.getpid(), "job": _job_id()}) + "\n")
             cell, donor, state = self._cells()
             shared = share_into(cell, [donor], state) if donor is not None else []
-            env = dict(os.environ)
-            if self.gpus == 0:
-                if self.visible_devices is None:
-                    env.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
-            rc, tail = _run_streaming(self.command(cell), env)
+            rc, tail = _run_streaming(self.command(cell), self.environment())
             span = {"started": started, "ended": time.time(), "pid": os.getpid(), "job": _job_id(),
                     "shared": shared, "returncode": rc}
             if rc != 0:
@@ -111,6 +115,18 @@ class CellJob:
         finally:
             lock.release()
 
+    def environment(self) -> dict[str, str]:
+        """cft-train's environment: the job's own, except that a local job with no GPUs of its own
+        gets the driver's CUDA_VISIBLE_DEVICES back (submitit's local executor blanks it). A Slurm
+        job keeps what Slurm set on its node."""
+        env = dict(os.environ)
+        if self.gpus == 0 and self.launcher == "local":
+            if self.visible_devices is None:
+                env.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+        return env
+
     def _cells(self) -> tuple[Cell, Cell | None, dict[str, Any]]:
         """This cell and its donor, as the driver planned them (budgets from cells.json). A study
         edited since the job was submitted is refused: the job would run other settings than recorded."""
@@ -119,7 +135,7 @@ class CellJob:
 
         path = Path(self.study_path)
         study = load_study(path)
-        state = json.loads((Path(study.output_dir) / "cells.json").read_text())
+        state = read_state(Path(study.output_dir) / "cells.json")
         cells = {_state_key(c): c for c in load_cells(study, path, _read_budgets(state.get("token_budgets", {})))}
         if self.key not in cells:
             raise CftError(f"{self.study_path}: the study no longer has the cell {self.key}")
@@ -258,7 +274,12 @@ def _device_slots(settings: LauncherSettings) -> list[tuple[int, ...]]:
 # the driver
 # ---------------------------------------------------------------------------------------------
 
-SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN"}
+SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN",
+               "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT", "STOPPED", "SIGNALING", "STAGE_OUT"}
+# Final or not, depending on the cluster's PreemptMode (REQUEUE: the job comes back; CANCEL: it ends):
+# waited for this long after it is first seen, then taken as the end.
+SLURM_PREEMPT_GRACE_S = 300
+SLURM_GONE_GRACE_S = 60
 
 
 def _squeue_state(job_id: str) -> str | None:
@@ -301,6 +322,7 @@ class _Running:
                  pid: int | None = None, kind: str = "local"):
         self.cell, self.job, self.adopted, self.slot, self.pid, self.kind = cell, job, adopted, slot, pid, kind
         self._gone_since: float | None = None
+        self._preempted_since: float | None = None
 
     @property
     def job_id(self) -> str | None:
@@ -311,13 +333,18 @@ class _Running:
         if self.kind == "slurm" and self.job is not None:
             state = _slurm_state(self.job)
             if state != "UNKNOWN":
+                self._gone_since = None
+                if state == "PREEMPTED":  # requeued soon (then PENDING again), or cancelled for good
+                    self._preempted_since = self._preempted_since or time.time()
+                    return time.time() - self._preempted_since > SLURM_PREEMPT_GRACE_S
+                self._preempted_since = None
                 return state not in SLURM_ALIVE
             # Neither sacct nor squeue knows it (no accounting and it left the queue): done once
             # its result file is there, or a minute after it vanished.
             if self.job.paths.result_pickle.exists():
                 return True
             self._gone_since = self._gone_since or time.time()
-            return time.time() - self._gone_since > 60
+            return time.time() - self._gone_since > SLURM_GONE_GRACE_S
         if self.job is not None:
             return bool(self.job.done())
         # An earlier driver's local job: done when neither its controller nor the cell's lock lives.
@@ -325,21 +352,37 @@ class _Running:
 
     def error(self) -> str | None:
         """The failure in one line: cft-train's own last stderr lines (span.json), else the
-        exception line of submitit's traceback, else the job's end state."""
+        exception line of the job's traceback (its result file), else the job's end state and the
+        last line of its log. Never waits: submitit's own job.exception() waits until sacct says
+        the job ended, which on a cluster without accounting can be never."""
         span = _read_span(job_dir(self.cell.run_dir))
         if span.get("error"):
             return " | ".join(span["error"][-3:])[:2000]
         job = self.job
         if job is None:
             return None
-        try:
-            exc = job.exception()
-        except Exception as err:  # no result file: killed, cancelled, out of time or memory
+        result = job.paths.result_pickle
+        if not result.exists():  # killed, cancelled, out of time or memory, or never started
             state = _slurm_state(job) if self.kind == "slurm" else getattr(job, "state", "?")
-            return f"the job ended without a result (state {state}): {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
-        if exc is None:
-            return None
-        return _exception_line(str(exc))
+            last = _last_line(job.paths.stderr)
+            return (f"the job ended without a result (state {state})" + (f": {last}" if last else "")
+                    + f"; logs in {job.paths.folder}")[:2000]
+        from submitit.core.utils import pickle_load
+
+        try:
+            outcome, value = pickle_load(result)
+        except Exception as err:  # a truncated or foreign file: say so, never raise
+            return f"the job's result file {result} could not be read ({type(err).__name__})"
+        return _exception_line(str(value)) if outcome == "error" else None
+
+
+def _last_line(path: Path) -> str | None:
+    """The last non-empty line of a log file (None: no file, or nothing in it)."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1].strip()[:500] if lines else None
 
 
 def _exception_line(text: str) -> str:
@@ -402,6 +445,14 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
         span = _read_span(job_dir(cell.run_dir))
         record = state["cells"].setdefault(key, {})
         finished = cell_finished(cell, state)
+        donor = deps[key]
+        if not finished and "started" not in span and donor is not None and status.get(donor) in ("failed", "stale", "blocked"):
+            # never started: Slurm cancelled it (--kill-on-invalid-dep) when its donor failed
+            cell.status, status[key], ok = "failed", "blocked", False
+            record.update(status="failed", error=f"not run: the cell it shares phases with ({donor}) failed")
+            console.print(f"[red]cell {key}[/]: not run, its donor {donor} failed")
+            save()
+            return
         error = None if finished else run.error()
         if error and ANOTHER_JOB in error:  # lost the race to a live job of an earlier driver: wait for that one
             console.print(f"{key}: another job holds the cell; waiting for it")
@@ -415,8 +466,9 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
         cell.shared = span.get("shared", record.get("shared", []))
         if "started" in span and "ended" in span:
             cell.wall_seconds = round(span["ended"] - span["started"], 1)
+        # keys stay what _submit recorded: what the job checked it was running
         record.update(status=cell.status, wall_seconds=cell.wall_seconds, shared=cell.shared,
-                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"), keys=phase_keys(cell.recipe),
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                       span={k: span[k] for k in ("started", "ended") if k in span})
         if cell.status == "done":
             record.pop("error", None)
@@ -442,7 +494,7 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
                     console.print(f"[red]cell {key}[/]: not run, its donor {donor} failed")
                     save()
                     continue
-                adopted = _adopt(cell, state, settings, not_alive)
+                adopted = _adopt(cell, state, not_alive)
                 if adopted is not None:
                     if adopted.slot is not None and adopted.slot in free_slots:
                         free_slots.remove(adopted.slot)  # its devices are taken
@@ -478,6 +530,7 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
                 break  # nothing can start (cannot happen with a valid plan; never spin)
             time.sleep(settings.poll_seconds)
     except KeyboardInterrupt:
+        save()
         ids = ", ".join(f"{k} ({r.job_id or r.adopted})" for k, r in running.items())
         where = ("Slurm jobs keep running" if settings.kind == "slurm" else
                  "local jobs started from this terminal got the interrupt too; their finished phases are kept")
@@ -499,7 +552,7 @@ def _read_span(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _adopt(cell: Cell, state: dict[str, Any], settings: LauncherSettings, not_alive: set[str]) -> _Running | None:
+def _adopt(cell: Cell, state: dict[str, Any], not_alive: set[str]) -> _Running | None:
     """A job an earlier driver submitted for this cell that is still alive, to wait for instead of
     submitting another one: its lock is held, or its recorded job (a local controller's pid, or a
     Slurm job, whatever launcher this driver uses) is still there. A recorded job found gone is not
@@ -529,6 +582,18 @@ def _adopt(cell: Cell, state: dict[str, Any], settings: LauncherSettings, not_al
     return None
 
 
+def live_job(cell: Cell, state: dict[str, Any]) -> str | None:
+    """What is at work on the cell (or queued for it) outside this process, said in words: its
+    lock held, a local job's controller alive, or its recorded Slurm job still queued or running.
+    None: nothing, as far as can be asked (Slurm is not asked without submitit)."""
+    try:
+        running = _adopt(cell, state, set())
+    except ImportError:  # a recorded Slurm job, and no submitit here to ask about it: the lock alone
+        folder = job_dir(cell.run_dir)
+        return f"a job (lock {folder / CELL_LOCK} held)" if _lock_held(folder) else None
+    return running.adopted if running is not None else None
+
+
 def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: int, gpus: tuple[int, ...],
             study: Study, study_path: Path, state: dict[str, Any], settings: LauncherSettings, console: Any) -> _Running:
     folder = job_dir(cell.run_dir)
@@ -539,7 +604,7 @@ def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: in
     if accelerate and not Path(accelerate).is_absolute():
         accelerate = str((study_path.parent / accelerate).resolve())
     job = CellJob(str(study_path), key, donor, os.getcwd(), str(cell.run_dir), settings.gpus_per_job, accelerate,
-                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+                  os.environ.get("CUDA_VISIBLE_DEVICES") if settings.kind == "local" else None, settings.kind)
     record = state["cells"].setdefault(key, {})
     record.update(status="submitted", keys=phase_keys(cell.recipe))  # what the job checks it runs
     record.pop("error", None)
@@ -551,6 +616,7 @@ def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: in
     record["job"] = {"launcher": settings.kind, "id": str(submitted.job_id), "folder": str(folder), "slot": slot,
                      "gpus": list(gpus), "stdout": str(submitted.paths.stdout), "stderr": str(submitted.paths.stderr),
                      **({"after": after} if after else {})}
+    write_atomic(Path(study.output_dir) / "cells.json", json.dumps(state, indent=2) + "\n")  # before anything else
     console.print(f"{key}: submitted ({settings.kind} job {submitted.job_id}{f', after {after}' if after else ''}); "
                   f"log {submitted.paths.stderr}")
     return _Running(cell, job=submitted, slot=slot, kind=settings.kind)

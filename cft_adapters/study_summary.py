@@ -297,7 +297,8 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(conditions)), conditions, rotation=20, ha="right")
         ax.set_title(title)
         ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # nothing scored yet (every cell failed): no legend
+        axes[0].legend(fontsize=8)
     n = len(result["seeds"])
     fig.suptitle(f"{Path(result['study']).name}: mean over {n} seed(s)" + ("; error bars: 95% CI" if n > 1 else "; n=1, no CI"))
     fig.tight_layout()

@@ -110,8 +110,10 @@ def test_launcher_flags_override_the_study_file_and_bad_values_name_the_key(tmp_
     assert study_main([str(path), "--max-parallel", "0"]) == 2
     err = capsys.readouterr().err
     assert "launcher.max_parallel" in err and "Traceback" not in err
-    assert study_main([str(path), "--sbatch", "qos"]) == 2
-    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert study_main([str(path), "--sbatch", "qos="]) == 2
+    assert "expected KEY=VALUE, or KEY alone for a flag" in capsys.readouterr().err
+    flag = _launcher_settings(_study_parser().parse_args([str(path), "--sbatch", "exclusive"]), str(path))
+    assert flag.sbatch == {"exclusive": True}
     bad = _study(tmp_path, "bad", launcher={"kind": "cluster"})
     assert study_main([str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -240,3 +242,93 @@ def test_a_failed_jobs_error_is_the_exception_line_of_its_traceback() -> None:
             '  File "x.py", line 1, in <module>\ncft_adapters.errors.RecipeError: recipe.yaml: training.lr: expected a number\n'
             "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /x_log.err\n")
     assert _exception_line(text) == "cft_adapters.errors.RecipeError: recipe.yaml: training.lr: expected a number"
+
+
+def test_a_flag_only_sbatch_option_is_written_bare() -> None:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from cft_adapters.study_launch import slurm_parameters
+
+    settings = LauncherSettings(kind="slurm", sbatch={"exclusive": True, "qos": "high", "nice": 10})
+    assert settings.sbatch == {"exclusive": True, "qos": "high", "nice": 10}
+    text = _make_sbatch_string(command="x", folder="/jobs", **slurm_parameters(settings, "cft-x"))
+    assert "#SBATCH --exclusive\n" in text and "#SBATCH --qos=high" in text and "#SBATCH --nice=10" in text
+
+
+def test_a_slurm_job_keeps_the_devices_slurm_gave_it_and_a_local_one_the_drivers(monkeypatch) -> None:
+    from cft_adapters.study_launch import CellJob
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what the local executor sets for a job with no GPU
+    local = CellJob("s.yaml", "a/seed_0", None, ".", "r", visible_devices="2", launcher="local")
+    assert local.environment()["CUDA_VISIBLE_DEVICES"] == "2"
+    assert "CUDA_VISIBLE_DEVICES" not in CellJob("s.yaml", "a/seed_0", None, ".", "r", launcher="local").environment()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what Slurm set on the compute node
+    slurm = CellJob("s.yaml", "a/seed_0", None, ".", "r", visible_devices=None, launcher="slurm")
+    assert slurm.environment()["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_a_job_that_left_no_result_is_said_at_once_with_its_state_and_last_log_line(tmp_path: Path, monkeypatch) -> None:
+    import submitit
+    from submitit.core.utils import cloudpickle_dump
+
+    from cft_adapters.study_cells import load_cells
+    from cft_adapters.study_launch import _Running
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no sacct, no squeue: submitit's own wait never ends
+    path = _study(tmp_path, "noresult")
+    cell = load_cells(load_study(path), path)[0]
+    job = submitit.SlurmJob(folder=tmp_path / "jobs", job_id="4242")
+    job.paths.stderr.parent.mkdir(parents=True)
+    job.paths.stderr.write_text("loading the base\nslurmstepd: error: *** JOB 4242 CANCELLED AT 2026-12-02 ***\n\n")
+    started = time.monotonic()
+    error = _Running(cell, job=job, kind="slurm").error()
+    assert time.monotonic() - started < 10
+    assert error.startswith("the job ended without a result (state UNKNOWN): slurmstepd: error: *** JOB 4242 CANCELLED")
+    # a result file with a traceback: its exception line
+    cloudpickle_dump(("error", "Traceback (most recent call last):\n  File \"x\", line 1\nCftError: boom\n"), job.paths.result_pickle)
+    assert _Running(cell, job=job, kind="slurm").error() == "CftError: boom"
+    cloudpickle_dump(("success", {}), job.paths.result_pickle)
+    assert _Running(cell, job=job, kind="slurm").error() is None
+    job.paths.result_pickle.write_bytes(b"\x80\x04trunc")
+    assert "could not be read" in _Running(cell, job=job, kind="slurm").error()
+
+
+def test_a_damaged_study_state_is_an_error_that_names_the_file(tmp_path: Path, capsys) -> None:
+    path = _study(tmp_path, "damaged")
+    state = tmp_path / "damaged" / "cells.json"
+    state.parent.mkdir(parents=True)
+    for text in ('{"cells": {"a/seed_0": {"status": "do', '[1, 2]', '{"cells": {"a/seed_0": "done"}}',
+                 '{"cells": {}, "token_budgets": {"zero": {}}}'):
+        state.write_text(text)
+        assert study_main([str(path)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{state}: the study's state is unreadable" in err and "Traceback" not in err, err
+        assert state.read_text() == text  # never rewritten
+
+
+def test_the_sequential_launcher_leaves_a_cell_alone_while_its_recorded_job_lives(tmp_path: Path, capsys,
+                                                                                  monkeypatch) -> None:
+    from cft_adapters.study_cells import load_cells
+    from cft_adapters.study_launch import live_job
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no sacct, no squeue
+    path = _study(tmp_path, "live", seeds=[0], conditions=[{"name": "a", "recipe": str(SMOKE)}])
+    cell = load_cells(load_study(path), path)[0]
+    # a local job's controller (submitit's, by its command line) still running
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "submitit"])
+    try:
+        state = {"cells": {"a/seed_0": {"job": {"launcher": "local", "id": str(controller.pid)}}}}
+        assert live_job(cell, state) == f"local job {controller.pid}"
+        out = tmp_path / "live"
+        out.mkdir()
+        (out / "cells.json").write_text(json.dumps(state))
+        assert study_main([str(path)]) == 1  # sequential: the cell is left to its job, nothing trains here
+        printed = " ".join(capsys.readouterr().out.split())
+        assert f"local job {controller.pid} is at work on it" in printed
+        assert not (cell.run_dir / "run.json").exists()
+    finally:
+        controller.kill()
+        controller.wait()
+    assert live_job(cell, state) is None
+    # a Slurm job that neither sacct nor squeue can be asked about, with no result file: counted as alive
+    assert live_job(cell, {"cells": {"a/seed_0": {"job": {"launcher": "slurm", "id": "4242"}}}}) == "Slurm job 4242 (UNKNOWN)"
