@@ -17,7 +17,7 @@ def test_redirected_output_shows_progress_lines_while_phase_one_trains(tmp_path:
     out, log = tmp_path / "run", tmp_path / "log.txt"
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "cft_adapters.cli", str(SMOKE), f"output_dir={out}",
-                                 "eval.tasks=[]", "training.num_train_epochs=12"], stdout=sink, stderr=subprocess.STDOUT)
+                                 "eval.tasks=[]", "phases[0].training.num_train_epochs=12"], stdout=sink, stderr=subprocess.STDOUT)
         try:
             deadline, seen = time.monotonic() + 600, None
             while time.monotonic() < deadline and proc.poll() is None:

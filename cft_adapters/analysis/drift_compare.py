@@ -14,6 +14,7 @@ and the result says so.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,22 @@ def compare(group_a: list[list[float]], group_b: list[list[float]], seed: int = 
         ib = rng.integers(0, len(b), size=(RESAMPLES, len(b)))
         boot_a, boot_b = a[ia].mean(1), b[ib].mean(1)  # RESAMPLES x layers
         boot = np.divide(boot_b, boot_a, out=np.full_like(boot_b, np.nan), where=boot_a > 0)
-        low, high = np.nanpercentile(boot, 2.5, axis=0), np.nanpercentile(boot, 97.5, axis=0)
+        with warnings.catch_warnings():  # a layer with no shift in A (the embeddings) has no ratio at all
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanpercentile(boot, 2.5, axis=0), np.nanpercentile(boot, 97.5, axis=0)
     layers = []
     for i in range(a.shape[1]):
         layers.append({"layer": i, "mean_a": float(mean_a[i]), "mean_b": float(mean_b[i]),
                        "ratio": None if np.isnan(ratio[i]) else float(ratio[i]),
-                       "ci_low": None if low is None else float(low[i]), "ci_high": None if high is None else float(high[i])})
+                       "ci_low": _finite(low, i), "ci_high": _finite(high, i)})
     return {"metric": METRIC, "n_a": len(a), "n_b": len(b), "layers": layers,
             "interval": "95% percentile bootstrap over the runs of each group" if low is not None
             else "none: a group has one run (no spread to resample)"}
+
+
+def _finite(values: np.ndarray | None, i: int) -> float | None:
+    """values[i], or None where there is none (no interval, or no ratio to bound): JSON has no NaN."""
+    return None if values is None or not np.isfinite(values[i]) else float(values[i])
 
 
 def plot_compare(result: dict[str, Any], path: Path, labels: tuple[str, str]) -> None:
@@ -82,7 +90,8 @@ def plot_compare(result: dict[str, Any], path: Path, labels: tuple[str, str]) ->
     y = [r["ratio"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(x) + 2), 3.5))
     if rows and rows[0]["ci_low"] is not None:
-        err = [[r["ratio"] - r["ci_low"] for r in rows], [r["ci_high"] - r["ratio"] for r in rows]]
+        err = [[r["ratio"] - (r["ci_low"] if r["ci_low"] is not None else r["ratio"]) for r in rows],
+               [(r["ci_high"] if r["ci_high"] is not None else r["ratio"]) - r["ratio"] for r in rows]]
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3)
     else:
         ax.plot(x, y, "o-")

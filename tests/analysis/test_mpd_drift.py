@@ -165,6 +165,12 @@ def test_drift_compare_writes_a_per_layer_ratio_with_intervals_over_seeds(tmp_pa
     result = json.loads(out.read_text())
     assert result["n_a"] == 2 and result["n_b"] == 2 and result["groups"]["dissimilar"] == runs["dissimilar"]
     assert len(result["layers"]) == 5  # the tiny model: embeddings + 4 blocks
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"{constant} in {out}: not JSON")
+
+    json.loads(out.read_text(), parse_constant=no_nan)
+    embeddings = result["layers"][0]  # no adapter, no shift: no ratio and no interval
+    assert (embeddings["mean_a"], embeddings["ratio"], embeddings["ci_low"], embeddings["ci_high"]) == (0.0, None, None, None)
     for row in result["layers"][1:]:
         assert row["ratio"] == pytest.approx(row["mean_b"] / row["mean_a"])
         assert row["ci_low"] <= row["ratio"] <= row["ci_high"]
