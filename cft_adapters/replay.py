@@ -236,14 +236,17 @@ def build_pool(
     path, meta_path = phase_dir / REPLAY_FILE, phase_dir / REPLAY_META
     if path.is_file():
         meta = _read_meta(meta_path)
+        why, tag = "was built under other settings", "stale"
         if meta.get("key") == key:
-            rows = read_jsonl(path)
-            return ReplayPool(cfg.kind, rows, meta.get("generation"), reused=True)
-        for stale in (path, meta_path):
-            if stale.exists():
-                move_aside(stale, "stale")
-        console.print(f"{where}: the replay pool in {phase_dir} was built under other settings; moved aside "
-                      f"({REPLAY_FILE}.stale-*), building a new one")
+            try:
+                return ReplayPool(cfg.kind, read_jsonl(path), meta.get("generation"), reused=True)
+            except (OSError, ValueError) as exc:  # cut short, edited, not UTF-8: rebuilt, and kept aside
+                why, tag = f"cannot be read back ({exc})", "damaged"
+        for old in (path, meta_path):
+            if old.exists():
+                move_aside(old, tag)
+        console.print(f"{where}: the replay pool in {phase_dir} {why}; moved aside ({REPLAY_FILE}.{tag}-*), "
+                      "building a new one", markup=False, highlight=False)
     inputs = PoolInputs(cfg, where, phase_examples, seed, model, tokenizer, source_model, earlier_sources, console,
                         list(phase_sources or []))
     pool = KINDS[cfg.kind].build(inputs)

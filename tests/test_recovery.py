@@ -150,6 +150,23 @@ def test_a_stale_replay_pool_is_moved_aside_when_the_replay_settings_change(tmp_
 
 
 @pytest.mark.slow
+def test_a_replay_pool_that_cannot_be_read_back_is_moved_aside_and_rebuilt(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    gr5 = [str(SMOKE.parent / "smoke_gr5.yaml"), f"output_dir={run}", "eval.tasks=[]"]
+    assert _fault("checkpoint:2:8", gr5).returncode == -9
+    pool = run / P2 / "replay.jsonl"
+    cut = pool.read_text()[:-20]  # a pool cut short
+    pool.write_text(cut)
+    assert main(gr5) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cannot be read back" in out and "line 4: not valid JSON" in out and "moved aside" in out
+    [aside] = (run / P2).glob("replay.jsonl.damaged-*")
+    assert aside.read_text() == cut  # kept, not deleted
+    record = RunManifest.read(run).phases[2]
+    assert record.status == "done" and record.replay["pool_reused"] is False and record.replay["pool_examples"] == 4
+
+
+@pytest.mark.slow
 def test_a_replay_pool_built_for_another_adapter_is_not_reused(tmp_path, capsys) -> None:
     """The same phase-2 settings, but phase 1 (the model that answers) was retrained differently."""
     run = tmp_path / "run"

@@ -15,7 +15,18 @@ from cft_adapters.util.fs import write_atomic
 
 
 def read_jsonl(path: Path) -> list[Any]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every row. Lines end at '\\n' only: str.splitlines() would also cut a row at U+2028, U+2029
+    or U+0085, which json.dumps(ensure_ascii=False) writes unescaped inside strings. A line that is
+    not JSON raises ValueError naming the file and line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    return rows
 
 
 def jsonl_text(rows: Iterable[Any]) -> str:
