@@ -33,6 +33,14 @@ class NonFiniteGuard(TrainerCallback):
         # at the last step: that keeps every checkpoint finite without a per-step cost.
         if not (control.should_save or control.should_log or state.global_step >= state.max_steps):
             return
+        self._check(state)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        # A stop decided after this step's check (the token budget's callback runs later) still
+        # reaches the save: the weights are checked once more before the phase saves its adapter.
+        self._check(state)
+
+    def _check(self, state: Any) -> None:
         with torch.no_grad():
             for p in self.params:
                 if not torch.isfinite(p).all():

@@ -24,13 +24,13 @@ from cft_adapters.data import check_data
 from cft_adapters.errors import CftError, RunError
 from cft_adapters.evaluation import CheckpointScorer, check_eval_tasks, eval_model_config, scored_tasks, training_precision
 from cft_adapters.hf_configs import check_liger
-from cft_adapters.manifest import RESOLVED_RECIPE, PhaseRecord, RunManifest, package_versions, summary_table
+from cft_adapters.manifest import MANIFEST, RESOLVED_RECIPE, PhaseRecord, RunManifest, package_versions, summary_table
 from cft_adapters.placement import Placement, PlacementInputs, adapter_change_scores, check_placements, choose_placement, spectrum_scan
 from cft_adapters.reconcile import phase_config_digest, phase_records, refuse_other_eval_settings  # noqa: F401  (phase_config_digest: re-exported)
-from cft_adapters.recipe import Recipe, dump_recipe
+from cft_adapters.recipe import EvalConfig, Recipe, dump_recipe
 from cft_adapters.reference_change import reference_change_scores
 from cft_adapters.replay import ReplayPool, build_pool
-from cft_adapters.rundir import RunDirectory, last_good_checkpoint, read_manifest, verify_adapter
+from cft_adapters.rundir import RunDirectory, checked_manifest, last_good_checkpoint, verify_adapter
 from cft_adapters.score_cache import BaseScoreCache, StoringScorer, base_score_key, cache_enabled
 from cft_adapters.scoring import Scorer, eval_settings, record_evaluation
 from cft_adapters.train_phase import train_phase
@@ -104,16 +104,18 @@ class PhaseRunner:
             check_trackers(self.recipe.phase_training(i) if not self.recipe.mixed_baseline else self.recipe.training,
                            self.recipe_path)
         self.rundir.lock(self.recipe_path)  # held to the end of run(): one process owns a run directory
-        old = read_manifest(self.run_dir)
+        # every record's index, name and checkpoint checked: they name the folders moved aside below
+        old = checked_manifest(self.run_dir) if (self.run_dir / MANIFEST).is_file() else None
         precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
         if old is not None:  # even with eval.tasks: [] the resolved recipe would claim the new settings
             refuse_other_eval_settings(self.run_dir, old, eval_settings(self.recipe.eval, precision))
         records = phase_records(self.recipe, old, self.rundir, self.console)
+        same_base = old is not None and bool(old.phases) and records[0] is old.phases[0]  # else: set again when the new base loads
         manifest = RunManifest(
             recipe=self.recipe_path,
             base_model=self.recipe.model.name_or_path,
-            base_model_path=old.base_model_path if old else None,
-            chat_template=old.chat_template if old else None,
+            base_model_path=old.base_model_path if same_base else None,
+            chat_template=old.chat_template if same_base else None,
             seed=self.recipe.training.seed,
             eval_base_precision=precision if self.recipe.eval.tasks or old is None else old.eval_base_precision,
             versions=package_versions(),
@@ -301,29 +303,34 @@ class PhaseRunner:
         adapter_dir = verify_adapter(self.run_dir, record) if k > 0 else None
         precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
         settings = eval_settings(self.recipe.eval, precision)
-        cache = self._base_score_cache(settings) if k == 0 else None
-        cached = cache.lookup(self.recipe.eval, self.console) if cache is not None else None
+        eval_cfg = self.recipe.eval
+        if record.eval_status == "done" and record.eval_settings == settings:  # tasks added since: just those
+            eval_cfg = eval_cfg.model_copy(update={"tasks": [t for t in eval_cfg.tasks if t not in record.eval_tasks]})
+        cache = self._base_score_cache(settings, eval_cfg) if k == 0 else None
+        cached = cache.lookup(eval_cfg, self.console) if cache is not None else None
         scorer: Scorer
         if cached is not None:
             self.console.print(f"phase 0 '{record.name}': scores from the cache ({cache.dir})")  # type: ignore[union-attr]
             scorer = cached
         else:
-            self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(scored_tasks(self.recipe.eval))}")
-            scorer = self._scorer(adapter_dir)
+            self.console.print(f"phase {k} '{record.name}': evaluating {', '.join(scored_tasks(eval_cfg))}")
+            checkpoint_scorer = self._scorer(adapter_dir)
+            checkpoint_scorer.eval_cfg = eval_cfg  # the scorer (and its loaded base) is kept across phases
+            scorer = checkpoint_scorer
             if cache is not None:
                 scorer = StoringScorer(scorer, cache, self.console)
         record_evaluation(self.manifest, record, scorer, adapter_dir, self.run_dir, self.console, settings)
         if record.eval_status == "done" and self.main:
             log_phase_scores(self.recipe.training, self.run_dir, self.manifest, scored_tasks(self.recipe.eval), k)
 
-    def _base_score_cache(self, settings: dict[str, Any]) -> BaseScoreCache | None:
+    def _base_score_cache(self, settings: dict[str, Any], eval_cfg: EvalConfig) -> BaseScoreCache | None:
         """Where the base's scores under these settings are kept across runs (None: cache off)."""
         if not cache_enabled():
             return None
         if self.base_path is None:
             self.base_path = modeling.resolve_model_path(self.recipe.model)
         try:
-            return BaseScoreCache(base_score_key(self.recipe.model, self.base_path, self.recipe.eval, settings))
+            return BaseScoreCache(base_score_key(self.recipe.model, self.base_path, eval_cfg, settings))
         except OSError as exc:  # the task files or the model folder could not be read: score, cache nothing
             self.console.print(f"[yellow]base score cache:[/] not used ({exc})")
             return None
@@ -388,8 +395,16 @@ class PhaseRunner:
             raise
 
     def _fail(self, record: PhaseRecord, message: str) -> None:
+        """Record the phase as failed, unless it was recorded done already (a stop during the tidying
+        after it). A run.json that cannot be written (a full disk) leaves the error to the caller."""
+        if record.status == "done":
+            return
         record.status, record.error = "failed", message
-        self.manifest.write(self.run_dir)  # type: ignore[union-attr]
+        try:
+            self.manifest.write(self.run_dir)  # type: ignore[union-attr]
+        except OSError as exc:
+            self.console.print(f"[yellow]phase {record.index} '{record.name}': could not record the failure in "
+                               f"run.json ({exc.strerror or exc}); a re-run finds it unfinished and resumes it[/]")
 
     def replay_pool(self, k: int, phase_dir: Path, phase_examples: int, init_adapter: str | None) -> ReplayPool:
         """Built once per phase before training (the model in memory holds phase k-1's adapter)."""

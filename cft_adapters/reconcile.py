@@ -44,6 +44,13 @@ def phase_config_digest(recipe: Recipe, k: int) -> str:
     return short_digest(canonical_json(payload))
 
 
+def base_config_digest(recipe: Recipe) -> str:
+    """What the base's own (phase 0) scores depend on besides the eval settings: the model section
+    and the template a tokenizer without one is scored under."""
+    return short_digest(canonical_json({"model": recipe.model.model_dump(mode="json"),
+                                        "fallback_template": short_digest(modeling.FALLBACK_CHAT_TEMPLATE)}))
+
+
 # Fields added to a phase's schema after runs were made, with their defaults: left out of the digest
 # while at the default, so a run made before they existed keeps its digest (and resumes).
 NEW_DATASET_FIELDS = {"conversations_column": "conversations"}
@@ -92,12 +99,14 @@ def changed_keys(old: Any, new: Any, path: tuple[Any, ...] = ()) -> list[str]:
 
 def phase_records(recipe: Recipe, old: RunManifest | None, rundir: RunDirectory, console: Any) -> list[PhaseRecord]:
     """One record per phase (0 = the base) for a run of `recipe` in `rundir`, given what `old`
-    (its run.json, or None) recorded there. Raises RunError for a finished phase it would change."""
+    (its run.json, or None) recorded there. Raises RunError for a finished phase it would change.
+    The base's record carries `base_config_digest`: when the model changed (nothing finished after
+    it, or that phase would be refused), its scores are another model's and are moved aside."""
     phases = recipe.run_phases()
     records = []
     for k in range(len(phases) + 1):
         name = "base" if k == 0 else phases[k - 1].name
-        digest = None if k == 0 else phase_config_digest(recipe, k)
+        digest = base_config_digest(recipe) if k == 0 else phase_config_digest(recipe, k)
         prior = old.phases[k] if old is not None and k < len(old.phases) else None
         same = prior is not None and prior.name == name and prior.config_digest == digest
         if prior is not None and prior.status == "done" and k > 0:
@@ -121,6 +130,15 @@ def phase_records(recipe: Recipe, old: RunManifest | None, rundir: RunDirectory,
         for extra in old.phases[len(records):]:
             if extra.status == "done":
                 raise RunError(mismatch_message(rundir.path, recipe, extra))
+    base = records[0]
+    if base.config_digest is None:  # a run made before the base had a digest: taken as this base's
+        base.config_digest = digest_0 = base_config_digest(recipe)
+    elif base.config_digest != (digest_0 := base_config_digest(recipe)):  # refused above if a phase was finished
+        aside = rundir.move_derived_aside(base, "stale")
+        console.print(f"phase 0 'base': the model section changed; the old base's scores were moved to {aside} "
+                      "and the new base is scored" if aside else "phase 0 'base': the model section changed; "
+                      "the new base is scored")
+        records[0] = PhaseRecord(index=0, name="base", config_digest=digest_0, status="done")
     return records
 
 

@@ -29,11 +29,13 @@ from cft_adapters.util.fs import RunLock, fsync_path, make_temp_dir, publish_dir
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAIN_STATS = "train.json"
 TRAIN_LOG = "train_log.json"
+PHASE_RECORD = "record.json"  # the phase's data, placement and replay entries of run.json, beside its adapter
 # Everything a phase folder can hold that was derived from the phase's settings (moved aside together
 # when an unfinished phase's settings change).
 ATTEMPT = "attempt.json"  # the config_digest an unfinished attempt trains under
-DERIVED = ("trainer", "adapter", TRAIN_STATS, TRAIN_LOG, "replay.jsonl", "replay_meta.json", "placement.json", "eval",
-           ATTEMPT)
+DERIVED = ("trainer", "adapter", TRAIN_STATS, TRAIN_LOG, PHASE_RECORD, "replay.jsonl", "replay_meta.json",
+           "placement.json", "eval", ATTEMPT)
+RECORD_FIELDS = ("data", "placement", "replay")
 
 
 def read_manifest(run_dir: Path) -> RunManifest | None:
@@ -284,12 +286,21 @@ class RunDirectory:
                 template(tmp)
             if _adapter_digest(tmp) != stats.final_digest:
                 raise RunError(f"{tmp}: the saved adapter does not match the trained weights")
+            # What run.json says of the phase's data, placement and replay, kept beside the adapter:
+            # a phase recovered without its run.json record (a kill, a damaged run.json) gets it back.
+            write_atomic(phase_dir / PHASE_RECORD, json.dumps({f: getattr(record, f) for f in RECORD_FIELDS}, indent=2) + "\n")
             write_atomic(phase_dir / TRAIN_STATS, stats.model_dump_json(indent=2) + "\n")
             publish_dir(tmp, phase_dir / "adapter")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def record_phase_done(self, manifest: RunManifest, record: PhaseRecord, stats: TrainStats) -> None:
+        """The phase is done: its stats, checkpoint and status in run.json. Entries the record lacks
+        (recovered after a kill, or after run.json was moved aside) come from its record.json."""
+        saved = _saved_record(self.phase_dir(record))
+        for name in RECORD_FIELDS:
+            if getattr(record, name) is None and saved.get(name) is not None:
+                setattr(record, name, saved[name])
         record.train = stats
         record.checkpoint = f"{record.dirname}/adapter"
         record.status, record.error = "done", None
@@ -298,6 +309,14 @@ class RunDirectory:
 
         if is_main():
             shutil.rmtree(self.trainer_dir(record), ignore_errors=True)  # optimizer state is only needed to resume
+
+
+def _saved_record(phase_dir: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((phase_dir / PHASE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in saved.items() if isinstance(v, dict)} if isinstance(saved, dict) else {}
 
 
 def _digest_or_none(adapter_dir: Path) -> str | None:

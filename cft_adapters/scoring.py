@@ -76,7 +76,7 @@ def record_evaluation(
         return
     if label is None:
         if settings is not None and record.eval_settings not in (None, settings):
-            record.eval, record.eval_groups, record.eval_tasks = {}, {}, []
+            record.eval, record.eval_groups, record.eval_tasks, record.eval_files = {}, {}, [], []
         record.eval_settings = settings if settings is not None else record.eval_settings
     target.eval = {**target.eval, **outcome.metrics}
     target.eval_groups = {**target.eval_groups, **outcome.groups}

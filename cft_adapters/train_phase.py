@@ -41,6 +41,7 @@ def train_phase(run: Any, k: int, record: PhaseRecord, progress: Progress) -> No
 
     data = load_phase_data(phase, k - 1, training.seed)
     record.data = data_record(data)
+    run.manifest.write(run.run_dir)  # on disk at once: the report's seen/unseen languages come from it
     run.ensure_base()
     placement = run.decide_placement(k)
     init_adapter = run.adapter_for_phase(k, placement)

@@ -215,6 +215,28 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None
     assert not (tmp_path / "run/phase_1_english/trainer/checkpoint-16").exists()
 
 
+def test_a_token_budget_stop_never_saves_non_finite_weights(tmp_path, monkeypatch) -> None:
+    """The budget stops training at step 1, a step neither logged nor saved (the guard's step check
+    is skipped there): the weights, poisoned at that step, are caught before the adapter is saved."""
+    import cft_adapters.phases as phases
+    import cft_adapters.train_phase as train_phase
+
+    class PoisonFirstStep(train_phase.NonFiniteGuard):
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.global_step == 0:
+                with torch.no_grad():
+                    self.params[0].fill_(float("nan"))
+
+    monkeypatch.setattr(train_phase, "NonFiniteGuard", PoisonFirstStep)
+    recipe = load_recipe(SMOKE, [f"output_dir={tmp_path / 'run'}", "eval.tasks=[]", "training.token_budget=1",
+                                 "training.logging_steps=50", "training.save_steps=50"])
+    with pytest.raises(phases.RunError) as exc:
+        PhaseRunner(recipe, str(SMOKE)).run()
+    assert "non-finite" in str(exc.value) and "step 1" in str(exc.value)
+    assert not (tmp_path / "run/phase_1_english/adapter").exists()
+    assert RunManifest.read(tmp_path / "run").phases[1].status == "failed"
+
+
 def test_phase1_moved_every_tensor_from_its_init(smoke_run: Path, tiny_model_path) -> None:
     from safetensors.torch import load_file
     from transformers import set_seed

@@ -255,3 +255,41 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path, capsys) -> None:
         subprocess.run(["chattr", "-i", str(run)], check=True)
     line = _one_line(capsys.readouterr().err)
     assert f"output_dir: the run directory '{run}' is not writable" in line
+
+
+def test_a_changed_base_moves_its_scores_aside_unless_a_phase_was_finished(tmp_path) -> None:
+    """The base's scores are the model section's: another model's are never the new run's phase 0."""
+    from rich.console import Console
+
+    from cft_adapters.errors import RunError
+    from cft_adapters.manifest import PhaseRecord, RunManifest
+    from cft_adapters.recipe import load_recipe
+    from cft_adapters.reconcile import base_config_digest, phase_config_digest, phase_records
+    from cft_adapters.rundir import RunDirectory
+
+    run = tmp_path / "run"
+    before = load_recipe(SMOKE, [f"output_dir={run}"])
+    after = load_recipe(SMOKE, [f"output_dir={run}", "model.attn_implementation=eager"])
+    assert base_config_digest(before) != base_config_digest(after)
+    scores = run / "phase_0_base" / "eval" / "results_x.json"
+    scores.parent.mkdir(parents=True)
+    scores.write_text("{}")
+    base = PhaseRecord(index=0, name="base", status="done", config_digest=base_config_digest(before),
+                       eval={"cft_smoke_en_mc": {"acc": 0.5}}, eval_status="done")
+    phase_1 = PhaseRecord(index=1, name="english", status="running", config_digest=phase_config_digest(before, 1))
+    old = RunManifest(recipe=str(SMOKE), base_model="m", seed=0, versions={}, phases=[base, phase_1])
+    console = Console(quiet=True)
+
+    # the same base: its record goes on
+    assert phase_records(before, old, RunDirectory(run, console), console)[0] is base
+    # a finished phase 1 under the old base: refused, and nothing moved
+    finished = old.model_copy(update={"phases": [base, phase_1.model_copy(update={"status": "done"})]})
+    with pytest.raises(RunError):
+        phase_records(after, finished, RunDirectory(run, console), console)
+    assert scores.is_file()
+    # nothing finished after it: the old base's scores are moved aside, the new base is to be scored
+    records = phase_records(after, old, RunDirectory(run, console), console)
+    assert records[0].config_digest == base_config_digest(after)
+    assert (records[0].eval, records[0].eval_status) == ({}, "pending")
+    assert not scores.exists()
+    assert [p.name for p in (run / "phase_0_base").glob("stale-*/eval/results_x.json")] == ["results_x.json"]

@@ -118,7 +118,9 @@ def predict(model: dict[str, Any], des: float) -> float:
 def read_model(path: Path) -> dict[str, Any]:
     try:
         model = json.loads(Path(path).read_text(encoding="utf-8"))
-        float(model["slope"]), float(model["intercept"]), str(model["encoder"])
+        float(model["slope"]), float(model["intercept"]), int(model["n"]), str(model["encoder"]), str(model["caveat"])
+        if model["r2"] is not None:
+            float(model["r2"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CftError(f"analysis.forgetting_model: {path}: not a forgetting model ({exc}); "
                        f"write one with cft-analyze predict STUDY_DIR") from None
