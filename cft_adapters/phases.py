@@ -105,7 +105,12 @@ class PhaseRunner:
                            self.recipe_path)
         self.rundir.lock(self.recipe_path)  # held to the end of run(): one process owns a run directory
         # every record's index, name and checkpoint checked: they name the folders moved aside below
-        old = checked_manifest(self.run_dir) if (self.run_dir / MANIFEST).is_file() else None
+        try:
+            old = checked_manifest(self.run_dir) if (self.run_dir / MANIFEST).is_file() else None
+        except RunError:
+            raise
+        except CftError as exc:  # a damaged run.json: exit 1, as every damaged run.json
+            raise RunError(exc.problems) from None
         precision = self.recipe.eval.base_precision or training_precision(self.recipe.model)
         if old is not None:  # even with eval.tasks: [] the resolved recipe would claim the new settings
             refuse_other_eval_settings(self.run_dir, old, eval_settings(self.recipe.eval, precision))
