@@ -26,7 +26,15 @@ from pydantic import (
 from cft_adapters.config_errors import allowed_keys, format_loc, validation_lines  # noqa: F401  (re-exported)
 from cft_adapters.errors import RecipeError
 from cft_adapters.recipe_rules import parse_layers, raw_cross_problems, source_problems  # noqa: F401  (re-exported)
-from cft_adapters.recipe_yaml import BUILTIN_PREFIX, _read_with_extends, apply_override, deep_merge, parse_override  # noqa: F401  (re-exported)
+from cft_adapters.recipe_yaml import (  # noqa: F401  (re-exported)
+    BUILTIN_PREFIX,
+    _read_with_extends,
+    apply_override,
+    deep_merge,
+    expand_path,
+    local_path,
+    parse_override,
+)
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "data"
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -190,6 +198,14 @@ class EvalConfig(_Strict):
         "e.g. [cft_en, cft_ml] or [cft_smoke_en, cft_smoke_ml]. Empty: no evaluation.",
     )
     limit: float | None = Field(None, gt=0, description="Examples per task (an int), or a fraction below 1.")
+
+    @field_validator("limit")
+    @classmethod
+    def _whole_or_fraction(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and not float(value).is_integer():
+            raise ValueError(f"expected a whole number of examples or a fraction below 1, got {value}")
+        return value
+
     limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="Examples per task, by task or group name (a group's limit applies to each of its tasks, as "
@@ -230,8 +246,10 @@ class EvalConfig(_Strict):
         base_dir = Path((info.context or {}).get("base_dir", "."))
         out = []
         for i, folder in enumerate(value):
-            path = Path(folder).expanduser()
-            path = (path if path.is_absolute() else base_dir / path).resolve()
+            try:
+                path = local_path(folder, base_dir)
+            except ValueError as exc:
+                raise ValueError(f"[{i}]: {exc}") from None
             if not path.is_dir():
                 raise ValueError(f"[{i}]: no folder at {path} (a folder of lm-eval task YAMLs, relative to the recipe)")
             out.append(str(path))
@@ -293,7 +311,7 @@ class DatasetSource(_Strict):
                 raise ValueError(problem)
             return value
         base_dir = Path((info.context or {}).get("base_dir", "."))
-        resolved = (base_dir / value).expanduser().resolve() if not Path(value).is_absolute() else Path(value)
+        resolved = local_path(value, base_dir)
         if not resolved.is_file():
             raise ValueError(f"file not found: {resolved}")
         if resolved.suffix not in DATA_SUFFIXES:
@@ -356,7 +374,7 @@ def safetensors_problem(folder: Path) -> str | None:
 def _checkpoint_location(value: str, info: ValidationInfo) -> str:
     """A local folder (relative to the recipe file; made absolute) or a hub id (kept as written)."""
     base_dir = Path((info.context or {}).get("base_dir", "."))
-    folder = Path(value).expanduser()
+    folder = expand_path(value)
     folder = folder if folder.is_absolute() else base_dir / folder
     if folder.is_dir():
         problem = safetensors_problem(folder.resolve())
@@ -421,6 +439,10 @@ class PlacementConfig(_Strict):
             raise ValueError(f"'reference' is for strategy 'reference_change', not '{self.strategy}'")
         if self.strategy == "reference_change" and self.reference_phase is not None:
             raise ValueError("'reference_phase' is for strategy 'most_changed'; 'reference_change' reads 'reference'")
+        unused = [k for k in PLACEMENT_KEYS if getattr(self, k) is not None and k not in PLACEMENT_KEYS_USED[self.strategy]]
+        if unused:  # set, and silently without effect: a different experiment than the recipe reads
+            used = ", ".join(sorted(PLACEMENT_KEYS_USED[self.strategy])) or "nothing else"
+            raise ValueError(f"{', '.join(unused)}: not used by strategy '{self.strategy}' (it reads {used})")
         return self
 
     @model_serializer(mode="wrap")
@@ -431,6 +453,17 @@ class PlacementConfig(_Strict):
         if isinstance(data, dict) and data.get("reference") is None:
             data.pop("reference", None)
         return data
+
+
+PLACEMENT_KEYS = ("layers", "fraction", "count", "modules", "seed", "reference_phase", "reference")
+PLACEMENT_KEYS_USED: dict[str, set[str]] = {
+    "none": set(),
+    "explicit": {"layers", "modules"},
+    "random": {"fraction", "count", "seed", "modules"},
+    "most_changed": {"fraction", "count", "reference_phase", "modules"},
+    "reference_change": {"fraction", "count", "reference", "modules"},
+    "spectrum": {"fraction", "count", "modules"},
+}
 
 
 class TranslateConfig(_Strict):
@@ -479,6 +512,13 @@ class ReplayConfig(_Strict):
         "auto", description="Distinct replay examples to prepare. auto: ceil(ratio × phase examples), enough for one "
         "pass; the pool cycles over later epochs."
     )
+
+    @field_validator("pool_size")
+    @classmethod
+    def _some_examples(cls, value: int | str) -> int | str:
+        if value != "auto" and int(value) < 1:
+            raise ValueError(f"expected 'auto' or a number of examples of at least 1, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _kind_needs(self) -> ReplayConfig:
@@ -531,8 +571,7 @@ class AnalysisConfig(_Strict):
     def _probe_file(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
-        path = Path(value).expanduser()
-        path = (path if path.is_absolute() else Path((info.context or {}).get("base_dir", ".")) / path).resolve()
+        path = local_path(value, Path((info.context or {}).get("base_dir", ".")))
         if not path.is_file():
             raise ValueError(f"file not found: {path}")
         return str(path)
@@ -540,7 +579,8 @@ class AnalysisConfig(_Strict):
 
 class Recipe(_Strict):
     description: str | None = Field(None, description="What this recipe is for.")
-    output_dir: str = Field(description="Run directory (default: runs/<recipe file stem>).")
+    output_dir: str = Field(description="Run directory (default: runs/<recipe file stem>); relative to the "
+                            "current directory, '~' expanded.")
     model: ModelConfig = Field(description="The base model.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="The LoRA adapter carried across phases.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training defaults for every phase.")
@@ -552,6 +592,13 @@ class Recipe(_Strict):
         description="The paper's baseline: train ONE phase, 'mixed', on the union of every phase's data (top-level "
         "training settings). Set training.token_budget to compare with the phased run at equal tokens.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _run_directory(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a folder for the run, got an empty string (the current directory is never a run)")
+        return str(expand_path(value))
 
     def run_phases(self) -> list[PhaseConfig]:
         """The phases the runner trains: the recipe's, or the single mixed phase."""
@@ -596,9 +643,24 @@ def validate_recipe(raw: dict[str, Any], *, source: str, base_dir: Path) -> Reci
     except ValidationError as exc:
         lines += validation_lines(exc, source, Recipe, covered={loc for loc, _ in cross})
         raise RecipeError(list(dict.fromkeys(lines))) from None
+    lines += [f"{source}: {loc}: {msg}" for loc, msg in _validated_problems(recipe)]
     if lines:
         raise RecipeError(lines)
     return recipe
+
+
+def _validated_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Rules across sections of a valid recipe: a placement restricted to module types the adapter
+    does not carry would freeze nothing, silently."""
+    targets = set(recipe.adapter.target_modules)
+    problems = []
+    for i, phase in enumerate(recipe.phases):
+        modules = phase.placement.modules if phase.placement is not None else None
+        if modules and "all-linear" not in targets and not set(modules) <= targets:
+            missing = ", ".join(m for m in modules if m not in targets)
+            problems.append((f"phases[{i}].placement.modules", f"{missing}: not among adapter.target_modules "
+                             f"({', '.join(recipe.adapter.target_modules)}); freezing them would freeze nothing"))
+    return problems
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -51,13 +51,22 @@ def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[i
     return sorted(set(layers))
 
 
+def _reads_true(value: Any) -> bool:
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(bool).validate_python(value) is True
+    except ValidationError:
+        return False
+
+
 def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     """Rules that span keys, checked on the raw dict so they run even when fields are invalid."""
     problems: list[tuple[str, str]] = []
     phases = raw.get("phases")
     if not isinstance(phases, list):
         return problems
-    if raw.get("mixed_baseline") is True:
+    if _reads_true(raw.get("mixed_baseline")):  # 1, "yes", ...: whatever the schema reads as true
         for i, phase in enumerate(phases):
             for key in ("placement", "replay", "training"):
                 # A saved recipe.resolved.yaml lists every phase's training overrides, all null: not a setting.
@@ -78,7 +87,7 @@ def raw_cross_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
             seen.setdefault(name, i)
         placement = phase.get("placement")
         ref = placement.get("reference_phase") if isinstance(placement, dict) else None
-        if ref is not None and seen.get(ref, i) >= i:
+        if isinstance(ref, str) and seen.get(ref, i) >= i:  # another type: the schema says what is expected
             problems.append((f"phases[{i}].placement.reference_phase", f"'{ref}' must name an earlier phase of this recipe"))
         replay = phase.get("replay")
         if isinstance(replay, dict) and replay.get("kind") == "real" and not replay.get("source") and i == 0:

@@ -76,6 +76,23 @@ def _key_of(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
     return (node.tag, repr(node.value))
 
 
+def expand_path(value: str) -> Path:
+    """Path(value) with '~' expanded. A path that cannot be one (a NUL character) or a '~user' with no
+    home raises ValueError, which the schema reports at the key's path (never a traceback)."""
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # '~nosuchuser/...': no home directory to expand to
+        raise ValueError(f"cannot expand '{value.split('/', 1)[0]}': no such user's home directory") from None
+
+
+def local_path(value: str, base_dir: Path) -> Path:
+    """A local path as a recipe writes it: '~' expanded, relative to `base_dir` (the recipe's folder)."""
+    path = expand_path(value)
+    return (path if path.is_absolute() else base_dir / path).resolve()
+
+
 def _safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
@@ -96,6 +113,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
                            "save the file as UTF-8"]) from None
     try:
         data = _safe_load(text)
+    except RecursionError:
+        raise RecipeError([f"{path}: not a recipe: its values are nested too deeply to read"]) from None
     except _DuplicateKeys as exc:
         raise RecipeError([f"{path}: {loc}: key written twice ({f'lines {a} and {b}' if a != b else f'both on line {a}'}); "
                            "YAML would silently keep only the last, so remove one" for loc, a, b in exc.found]) from None
@@ -133,23 +152,28 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def _absolutize_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Relative data paths are relative to the file that wrote them, also through `extends`."""
+    """Relative data paths are relative to the file that wrote them, also through `extends`; '~' is
+    expanded. A path that cannot be resolved is left as written, for the schema to report at its key."""
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
+            return value
+        try:
+            return str(local_path(value, base_dir))
+        except ValueError:
+            return value
 
     def fix(src: Any) -> None:
         if isinstance(src, dict) and isinstance(src.get("path"), str):
-            value = src["path"]
-            if not value.startswith(BUILTIN_PREFIX) and not Path(value).expanduser().is_absolute():
-                src["path"] = str((base_dir / value).resolve())
+            src["path"] = absolute(src["path"])
 
     analysis = data.get("analysis")
     for key in ("drift_probe", "forgetting_model"):
-        if isinstance(analysis, dict) and isinstance(analysis.get(key), str) and not Path(
-                analysis[key]).expanduser().is_absolute():
-            analysis[key] = str((base_dir / analysis[key]).resolve())
+        if isinstance(analysis, dict) and isinstance(analysis.get(key), str):
+            analysis[key] = absolute(analysis[key])
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("include_path"), list):
-        ev["include_path"] = [str((base_dir / p).resolve()) if isinstance(p, str) and not Path(p).expanduser().is_absolute()
-                              else p for p in ev["include_path"]]
+        ev["include_path"] = [absolute(p) for p in ev["include_path"]]
     for phase in data.get("phases") or []:
         if not isinstance(phase, dict):
             continue
@@ -164,10 +188,10 @@ def _absolutize_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             for key in ("base", "tuned"):
                 value = reference.get(key)
                 # A checkpoint folder relative to this file; a hub id ('org/name') is left as it is.
-                if isinstance(value, str) and not Path(value).expanduser().is_absolute() and (
+                if isinstance(value, str) and "\0" not in value and not value.startswith(("/", "~")) and (
                     value.startswith(".") or (base_dir / value).is_dir()
                 ):
-                    reference[key] = str((base_dir / value).resolve())
+                    reference[key] = absolute(value)
     return data
 
 
@@ -192,7 +216,8 @@ def deep_merge(base: Any, child: Any) -> Any:
 
 
 def _named_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                                           for v in value)
 
 
 _OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*)=(?P<value>.*)$", re.S)
@@ -208,6 +233,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     ]
     try:
         value = _safe_load(match.group("value")) if match.group("value") != "" else None
+    except RecursionError:
+        raise ValueError("the value is nested too deeply to read") from None
     except _DuplicateKeys as exc:
         keys = ", ".join(f"'{loc}'" for loc, _, _ in exc.found)
         raise ValueError(f"the value writes {keys} twice; YAML would silently keep only the last") from None

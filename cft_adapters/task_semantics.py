@@ -114,14 +114,27 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """One task YAML with its `include:`s applied as lm-eval applies them: the file's own keys win,
-    and a mapping (such as `metadata`) replaces the included one whole."""
-    cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader)
+    and a mapping (such as `metadata`) replaces the included one whole. A file that is not a task
+    YAML (not UTF-8, not YAML, not a mapping, an include cycle) is an error naming it."""
+    if path in chain:
+        raise CftError(f"{path}: include: cycle {' -> '.join(str(p) for p in (*chain, path))}")
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        why = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise CftError(f"{path}: not a task YAML lm-eval can read{where}: {why}") from None
+    if not isinstance(cfg, dict):
+        raise CftError(f"{path}: not a task YAML: expected a mapping of task keys, got {type(cfg).__name__}")
     includes = cfg.pop("include", [])
     merged: dict[str, Any] = {}
     for inc in includes if isinstance(includes, list) else [includes]:
-        merged.update(_load(path.parent / inc))
+        if not isinstance(inc, str):
+            raise CftError(f"{path}: include: expected a file name, got {inc!r}")
+        merged.update(_load(path.parent / inc, (*chain, path)))
     merged.update(cfg)
     return merged
 

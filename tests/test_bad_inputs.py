@@ -98,6 +98,37 @@ CASES = [
     pytest.param(dict(overrides=['phases[1].replay={kind: generative, ratio: 0.1, prompts: {path: "builtin:../../x.jsonl", language: en}}']),
                  ["{recipe}: phases[1].replay.prompts.path: 'builtin:../../x.jsonl' points outside the bundled data folder"],
                  id="builtin-replay-prompts-escapes"),
+    # -- paths, nesting and keys that would otherwise have raised or been ignored -------------------
+    pytest.param(dict(source='{path: "~nosuchuser_cft/d.jsonl", language: en}'),
+                 ["{recipe}: phases[1].datasets[0].path: cannot expand '~nosuchuser_cft': no such user's home directory"],
+                 id="path-home-of-no-user"),
+    pytest.param(dict(source='{path: "d\\0x.jsonl", language: en}'),
+                 ["{recipe}: phases[1].datasets[0].path: a path cannot hold a NUL character"], id="path-nul"),
+    pytest.param(dict(overrides=["output_dir=''"]),
+                 ["{recipe}: output_dir: expected a folder for the run, got an empty string"], id="output-dir-empty"),
+    pytest.param(dict(append=b"description: " + b"[" * 3000 + b"]" * 3000 + b"\n"),
+                 ["{recipe}: not a recipe: its values are nested too deeply to read"], id="recipe-nested-too-deeply"),
+    pytest.param(dict(overrides=["description=" + "[" * 3000 + "]" * 3000]),
+                 ["the value is nested too deeply to read"], id="override-nested-too-deeply"),
+    pytest.param(dict(extends=("- name: english", "- name: english"), append=b"phases: [{name: [english], datasets: [{path: good.jsonl, language: en}]}]\n"),
+                 ["{recipe}: phases[0].name: Input should be a valid string"], id="extends-phase-name-not-text"),
+    pytest.param(dict(overrides=["phases[1].placement={strategy: most_changed, count: 1, reference_phase: [english]}"]),
+                 ["{recipe}: phases[1].placement.reference_phase: Input should be a valid string"],
+                 id="reference-phase-not-text"),
+    pytest.param(dict(overrides=["mixed_baseline=1", "phases[1].training={learning_rate: 0.5}"]),
+                 ["{recipe}: phases[1].training: not used with mixed_baseline"], id="mixed-baseline-as-1"),
+    pytest.param(dict(overrides=["phases[1].placement={strategy: explicit, layers: '0', fraction: 0.5}"]),
+                 ["{recipe}: phases[1].placement: fraction: not used by strategy 'explicit' (it reads layers, modules)"],
+                 id="placement-key-the-strategy-ignores"),
+    pytest.param(dict(overrides=["phases[1].placement={strategy: random, count: 1, modules: [no_such_proj]}"]),
+                 ["{recipe}: phases[1].placement.modules: no_such_proj: not among adapter.target_modules"],
+                 id="placement-modules-without-adapters"),
+    pytest.param(dict(overrides=["phases[1].replay={kind: real, ratio: 0.1, pool_size: -5}"]),
+                 ["{recipe}: phases[1].replay.pool_size: expected 'auto' or a number of examples of at least 1, got -5"],
+                 id="replay-pool-size-negative"),
+    pytest.param(dict(overrides=["eval.limit=1.5"]),
+                 ["{recipe}: eval.limit: expected a whole number of examples or a fraction below 1, got 1.5"],
+                 id="eval-limit-not-whole"),
     # -- JSON Lines data --------------------------------------------------------------------------
     pytest.param(dict(files={"d.jsonl": _lines([b'{"instruction": "a" "output": "b"}', GOOD])}),
                  ["{recipe}: phases[1].datasets[0]: {dir}/d.jsonl line 1: not valid JSON: Expecting ',' delimiter (column 21)"],
@@ -244,3 +275,25 @@ def test_a_single_line_json_array_larger_than_a_read_block(tmp_path, capsys) -> 
     code = main([*argv, "--dry-run"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+
+
+def test_a_task_yaml_lm_eval_cannot_read_is_one_line_naming_it(tmp_path, capsys) -> None:
+    argv = _setup(tmp_path, {})
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    (tasks / "bad.yaml").write_text("task: x\n  bad: : :\n", encoding="utf-8")
+    assert main([*argv, f"eval.include_path=[{tasks}]", "eval.tasks=[cft_smoke_en]", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{tasks}/bad.yaml: not a task YAML lm-eval can read (line 2, column 6)" in " ".join(err.split())
+
+
+def test_tilde_in_paths_is_the_home_directory(tmp_path, monkeypatch) -> None:
+    from cft_adapters.recipe import load_recipe
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "d.jsonl").write_bytes(_lines([GOOD] * 3))
+    monkeypatch.setenv("HOME", str(home))
+    argv = _setup(tmp_path, {"source": "{path: ~/d.jsonl, language: en}"})
+    recipe = load_recipe(argv[0], ["output_dir=~/runs/x"])
+    assert recipe.phases[1].datasets[0].path == str(home / "d.jsonl") and recipe.output_dir == str(home / "runs" / "x")
