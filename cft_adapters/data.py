@@ -368,9 +368,10 @@ def load_prompts(src: DatasetSource, where: str, seed: int) -> list[dict[str, An
                         f"(found: {', '.join(raw.column_names)})")
     if len(raw) == 0:
         raise DataError(f"{where}: {src.describe()}: the prompt source is empty")
-    order = np.random.default_rng(seed).permutation(len(raw)).tolist()
-    if src.max_examples is not None:
-        order = order[: src.max_examples]
+    keep = src.max_examples if src.max_examples is not None else (  # as load_source samples
+        max(1, round(src.fraction * len(raw))) if src.fraction is not None else len(raw)
+    )
+    order = np.random.default_rng(seed).permutation(len(raw))[: min(keep, len(raw))].tolist()
     out = []
     for i in order:
         try:

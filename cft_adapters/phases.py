@@ -423,5 +423,6 @@ class PhaseRunner:
             seed=self.recipe.phase_training(k - 1).seed, model=self.model.peft, tokenizer=self.model.tokenizer,
             source_model=init_adapter or "base (fresh adapter)",
             earlier_sources=[src for p in self.phases[: k - 1] for src in p.datasets], console=self.console, key=key,
+            earlier_seeds=[self.recipe.phase_training(i).seed for i, p in enumerate(self.phases[: k - 1]) for _ in p.datasets],
             phase_sources=list(self.phases[k - 1].datasets),
         )

@@ -501,7 +501,8 @@ class ReplayConfig(_Strict):
         "A sample of the phase's examples is translated to English (rows already in English are kept), the previous "
         "phase's model answers the translations, and replay.jsonl records each one's original and language.",
     )
-    source: DatasetSource | None = Field(None, description="real: English examples (default: earlier phases' data).")
+    source: DatasetSource | None = Field(None, description="real: the examples to replay (default: every earlier "
+                                         "phase's data, whatever its language).")
     max_new_tokens: int = Field(256, ge=1, description="generative: answer length cap.")
     min_new_tokens: int = Field(0, ge=0, description="generative: generate at least this many tokens before the end token is allowed.")
     generation_batch_size: int = Field(16, ge=1, description="generative: prompts per generate() call.")

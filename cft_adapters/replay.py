@@ -68,8 +68,8 @@ class ReplayCollator:
 
     def __init__(self, collator: Any, replay_features: list[dict[str, Any]], ratio: float, seed: int,
                  rank: int = 0, world_size: int = 1):
-        if not replay_features:
-            raise CftError("replay pool is empty")
+        if not replay_features:  # build_pool refuses an empty pool first; this guards other callers
+            raise CftError("the replay pool is empty: nothing to mix into the batches")
         self.collator = collator
         self.features = replay_features
         self.ratio = ratio
@@ -201,7 +201,8 @@ def generate_answers(
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     answers: list[str] = [""] * len(texts)
-    new_tokens, started = 0, time.perf_counter()
+    new_tokens, truncated, started = 0, 0, time.perf_counter()
+    stop_set = set(stops)
     device = next(model.parameters()).device
     try:
         for start in range(0, len(order), batch_size):
@@ -214,6 +215,7 @@ def generate_answers(
             out = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 tokens = out[row]
+                truncated += not stop_set.intersection(tokens.tolist())  # no stop token: cut at max_new_tokens
                 real = tokens[tokens != tokenizer.pad_token_id]
                 new_tokens += int(real.numel())
                 answers[i] = tokenizer.decode(real, skip_special_tokens=True).strip()
@@ -221,14 +223,14 @@ def generate_answers(
         tokenizer.padding_side = side
         model.train(was_training)
     seconds = time.perf_counter() - started
-    return answers, {"seconds": round(seconds, 3), "new_tokens": new_tokens,
+    return answers, {"seconds": round(seconds, 3), "new_tokens": new_tokens, "truncated": truncated,
                      "tokens_per_second": round(new_tokens / seconds, 1) if seconds else 0.0}
 
 
 def build_pool(
     cfg: ReplayConfig, *, where: str, phase_dir: Path, phase_examples: int, seed: int, model: Any, tokenizer: Any,
     source_model: str, earlier_sources: list[DatasetSource], console: Any, key: dict[str, Any],
-    phase_sources: list[DatasetSource] | None = None,
+    phase_sources: list[DatasetSource] | None = None, earlier_seeds: list[int] | None = None,
 ) -> ReplayPool:
     """The phase's replay pool: read back from replay.jsonl when it was built under the same `key`
     (the phase's settings and the digest of the adapter that answers), else built anew. A pool from
@@ -248,8 +250,12 @@ def build_pool(
         console.print(f"{where}: the replay pool in {phase_dir} {why}; moved aside ({REPLAY_FILE}.{tag}-*), "
                       "building a new one", markup=False, highlight=False)
     inputs = PoolInputs(cfg, where, phase_examples, seed, model, tokenizer, source_model, earlier_sources, console,
-                        list(phase_sources or []))
+                        list(phase_sources or []), list(earlier_seeds or []))
     pool = KINDS[cfg.kind].build(inputs)
+    if not pool.rows:  # never written as a valid pool: a rerun builds it again
+        raise CftError(f"{where}: the {cfg.kind} replay pool came out empty (no usable prompt or example in "
+                       f"{'the earlier phases' if cfg.kind == 'real' and cfg.source is None else 'its source'}); "
+                       "nothing was written")
     write_jsonl(path, pool.rows)
     write_atomic(meta_path, json.dumps({"kind": pool.kind, "key": key, "generation": pool.generation}, indent=2) + "\n")
     return pool
@@ -277,6 +283,7 @@ class PoolInputs:
     earlier_sources: list[DatasetSource]  # the earlier phases' data (real replay without a source)
     console: Any
     phase_sources: list[DatasetSource] = field(default_factory=list)  # this phase's data (generative + translate)
+    earlier_seeds: list[int] = field(default_factory=list)  # the seed each earlier source was sampled with in its phase
 
 
 @dataclass(frozen=True)
@@ -292,7 +299,7 @@ def _build_generative(x: PoolInputs) -> ReplayPool:
 
 
 def _build_real(x: PoolInputs) -> ReplayPool:
-    return _real_pool(x.cfg, x.where, x.phase_examples, x.seed, x.earlier_sources)
+    return _real_pool(x.cfg, x.where, x.phase_examples, x.seed, x.earlier_sources, x.earlier_seeds)
 
 
 # One entry per value of ReplayConfig.kind (a test checks the keys against the schema's Literal): a
@@ -311,6 +318,8 @@ def _generative_pool(
         assert cfg.prompts is not None
         prompts = load_prompts(cfg.prompts, f"{where}.prompts", seed)
         prompts = prompts[: pool_size(cfg, phase_examples, len(prompts))]
+    if not prompts:  # nothing to answer: build_pool says so
+        return ReplayPool("generative", [])
     console.print(f"{where}: generating {len(prompts)} replay answers with {source_model}")
     if cfg.do_sample:  # the same pool whether or not the process trained the earlier phases first
         from transformers import set_seed
@@ -326,6 +335,10 @@ def _generative_pool(
             for p, a in zip(prompts, answers) if a]
     empty = len(prompts) - len(rows)
     stats["empty_dropped"] = empty
+    if stats.get("truncated"):  # kept as generated (the paper's replay answers are the model's own), and said
+        console.print(f"[yellow]{where}: {stats['truncated']} of {len(prompts)} replay answers reached max_new_tokens "
+                      f"({cfg.max_new_tokens}) before a stop token; they are trained as they are, ending mid-answer. "
+                      f"Raise {where}.max_new_tokens to let them finish[/]")
     if empty:
         console.print(f"[yellow]{where}: {empty} of {len(prompts)} generated answers were empty and were dropped[/]")
     if empty * 2 > len(prompts):
@@ -334,14 +347,18 @@ def _generative_pool(
     return ReplayPool("generative", rows, stats)
 
 
-def _real_pool(cfg: ReplayConfig, where: str, phase_examples: int, seed: int, earlier: list[DatasetSource]) -> ReplayPool:
+def _real_pool(cfg: ReplayConfig, where: str, phase_examples: int, seed: int, earlier: list[DatasetSource],
+               earlier_seeds: list[int] | None = None) -> ReplayPool:
+    """The earlier phases' data is sampled as each phase sampled it (its own seed), so the examples
+    replayed are ones that phase trained on; a `source` is sampled with this phase's seed."""
     sources = [cfg.source] if cfg.source is not None else earlier
+    seeds = [seed] if cfg.source is not None else (earlier_seeds or [seed] * len(earlier))
     if not sources:
         raise CftError(f"{where}: real replay needs 'source' or an earlier phase's data, and this is the first phase")
     parts = []
     for j, src in enumerate(sources):
         label = f"{where}.source" if cfg.source is not None else f"{where} (earlier data {j})"
-        parts.extend(load_source(src, label, seed))
+        parts.extend(load_source(src, label, seeds[j]))
     random.Random(seed).shuffle(parts)
     parts = parts[: pool_size(cfg, phase_examples, len(parts))]
     rows = [{"prompt": r["prompt"], "answer": r["completion"][0]["content"], "source": "real", "language": r["language"]}

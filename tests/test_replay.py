@@ -160,6 +160,19 @@ def test_mostly_empty_generations_stop_the_phase(monkeypatch, tmp_path) -> None:
     assert not (tmp_path / "replay.jsonl").exists()
 
 
+def test_an_empty_pool_is_refused_naming_the_replay_key_and_nothing_is_written(monkeypatch, tmp_path) -> None:
+    import cft_adapters.replay as replay
+    from rich.console import Console
+
+    cfg = load_recipe(SMOKE, [GENERATIVE]).phases[1].replay
+    monkeypatch.setattr(replay, "load_prompts", lambda src, where, seed: [])  # a source with no usable prompt
+    with pytest.raises(CftError, match=r"phases\[1\]\.replay: the generative replay pool came out empty"):
+        replay.build_pool(cfg, where="phases[1].replay", phase_dir=tmp_path, phase_examples=64, seed=0, model=None,
+                          tokenizer=None, source_model="phase_1", earlier_sources=[], console=Console(quiet=True),
+                          key={"test": 1})
+    assert not (tmp_path / "replay.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_replay_batches_carry_the_completion_only_mask(tmp_path, tiny_model_path) -> None:
     """Through TRL's real preparation and collator: replay rows mask the prompt like phase rows."""
@@ -296,8 +309,10 @@ def test_replay_generation_records_no_gradients(tiny_model_path) -> None:
 
     model.generate = generate
     assert torch.is_grad_enabled()
-    answers, _ = generate_answers(model, tok, [[{"role": "user", "content": "Name a colour."}]], batch_size=1, max_new_tokens=4)
+    answers, stats = generate_answers(model, tok, [[{"role": "user", "content": "Name a colour."}]], batch_size=1,
+                                      max_new_tokens=4, min_new_tokens=4)
     assert len(answers) == 1 and seen == [False]
+    assert stats["truncated"] == 1  # no stop token is allowed before the 4th token: cut at max_new_tokens
 
 
 TRANSLATED = ("phases[1].replay={kind: generative, ratio: 0.1, max_new_tokens: 12, min_new_tokens: 4, "
