@@ -61,12 +61,16 @@ def train_phase(run: Any, k: int, record: PhaseRecord, progress: Progress) -> No
                        f"phase {k - 1} saved (digest {init_digest[:16]})")
     collator = attach_replay(trainer, pool, phase.replay, training) if pool is not None else None
     if training.token_budget is not None:
-        size_to_token_budget(trainer, training.token_budget)
+        replay = ([len(f["input_ids"]) for f in collator.features], phase.replay.ratio) if collator is not None else None
+        size_to_token_budget(trainer, training.token_budget, replay)
 
     if resume:
         run.console.print(f"phase {k} '{phase.name}': resuming from {resume}")
     stats = _train(trainer, peft_model, resume, run.run_dir,
                    config_digest=record.config_digest, init_adapter=init_adapter, init_digest=init_digest)
+    if training.token_budget is not None and stats.tokens < training.token_budget:
+        run.console.print(f"[yellow]phase {k} '{phase.name}': ended at max_steps ({stats.steps}) with {stats.tokens:,} "
+                          f"tokens, short of training.token_budget {training.token_budget:,}[/]")
 
     if collator is not None:
         record.replay = replay_record(collator, pool, phase.replay, str((phase_dir / REPLAY_FILE).relative_to(run.run_dir)))
@@ -178,13 +182,25 @@ class TokenBudgetCallback(TrainerCallback):
             control.should_training_stop = True
 
 
-def size_to_token_budget(trainer: Any, budget: int) -> None:
+BUDGET_MARGIN = 0.02  # max_steps above the estimate: the budget, not max_steps, is what ends the phase
+
+
+def size_to_token_budget(trainer: Any, budget: int, replay: tuple[list[int], float] | None = None) -> None:
     """Size max_steps (and so the LR schedule) to the budget from the prepared data's token count,
-    and stop exactly when the budget is reached (within the last optimizer step)."""
+    and stop exactly when the budget is reached (within the last optimizer step).
+
+    `replay` (the prepared replay examples' lengths, and the share of the stream they take) enters
+    the estimate: replay examples replace phase examples, and their lengths differ. max_steps is
+    the estimate plus 2% and one step, because a budget below an epoch sees a random subset whose
+    tokens per step vary; TokenBudgetCallback stops the phase at the budget itself."""
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     args = trainer.args
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     steps_per_epoch = max(1, math.ceil(len(lengths) / per_step))
-    tokens_per_step = sum(lengths) / steps_per_epoch
-    args.max_steps = math.ceil(budget / tokens_per_step) + 1
+    tokens_per_epoch = float(sum(lengths))
+    if replay is not None and replay[0]:
+        replay_lengths, ratio = replay
+        tokens_per_epoch = (1 - ratio) * tokens_per_epoch + ratio * len(lengths) * (sum(replay_lengths) / len(replay_lengths))
+    tokens_per_step = tokens_per_epoch / steps_per_epoch
+    args.max_steps = math.ceil(budget / tokens_per_step * (1 + BUDGET_MARGIN)) + 1
     trainer.add_callback(TokenBudgetCallback(budget))

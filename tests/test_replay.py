@@ -354,3 +354,24 @@ def test_generative_replay_on_english_versions_of_the_phase_instructions(tmp_pat
         "{text}", first["instruction"])
     again, _ = generate_answers(phase1, tok, [[{"role": "user", "content": request}]], batch_size=1, max_new_tokens=16)
     assert again == [rows[0]["prompt"][0]["content"]]
+
+
+def test_the_token_budget_sizes_max_steps_with_the_replay_lengths_in() -> None:
+    """Replay examples half as long as the phase's take 10% of the stream: tokens per step fall,
+    so more steps are needed than the phase's own lengths say."""
+    from types import SimpleNamespace
+
+    from cft_adapters.train_phase import BUDGET_MARGIN, size_to_token_budget
+
+    def trainer() -> SimpleNamespace:
+        args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1, max_steps=-1)
+        return SimpleNamespace(train_dataset={"input_ids": [[0] * 100] * 400}, args=args, add_callback=lambda cb: None)
+
+    budget = 100_000
+    plain, mixed = trainer(), trainer()
+    size_to_token_budget(plain, budget)
+    size_to_token_budget(mixed, budget, ([50] * 40, 0.1))
+    assert plain.args.max_steps == math.ceil(budget / 400 * (1 + BUDGET_MARGIN)) + 1  # 400 tokens a step
+    per_step = 0.9 * 400 + 0.1 * 4 * 50  # 380
+    assert mixed.args.max_steps == math.ceil(budget / per_step * (1 + BUDGET_MARGIN)) + 1
+    assert mixed.args.max_steps * per_step >= budget > plain.args.max_steps * per_step  # sized without replay: short
