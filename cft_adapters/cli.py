@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in args.overrides if o.startswith("-")]
     if bad:
         err.print(f"cft-train: error: unknown option(s): {' '.join(bad)}")
+        return 2
+    if args.gpu_mem is not None and not (args.dry_run and math.isfinite(args.gpu_mem) and args.gpu_mem > 0):
+        err.print("cft-train: error: --gpu-mem takes a GPU size in GiB above 0, with --dry-run (it plans; it trains nothing)")
         return 2
     try:
         from cft_adapters.recipe import load_recipe

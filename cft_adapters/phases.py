@@ -19,6 +19,7 @@ from cft_adapters.loss_curve import write_loss_curve
 from cft_adapters.tracking import check_trackers, log_phase_scores
 from cft_adapters.tasks_path import use_include_paths
 from cft_adapters import distributed, modeling, report
+from cft_adapters.analysis.predict import check_analysis_files
 from cft_adapters.callbacks import NonFiniteLossError
 from cft_adapters.data import check_data
 from cft_adapters.errors import CftError, RunError
@@ -100,6 +101,7 @@ class PhaseRunner:
         check_data(self.recipe)  # every phase's sources, before phase 1 spends any time training
         check_placements(self.recipe, self.recipe_path)
         check_liger(self.recipe, self.recipe_path)
+        check_analysis_files(self.recipe, self.recipe_path)
         for i in range(len(self.phases)):
             check_trackers(self.recipe.phase_training(i) if not self.recipe.mixed_baseline else self.recipe.training,
                            self.recipe_path)
@@ -282,7 +284,7 @@ class PhaseRunner:
 
         out, png = drift_outputs(self.run_dir)
         probe = self.recipe.analysis.drift_probe
-        prompts = read_probe(Path(probe)) if probe else default_probe()
+        prompts = read_probe(Path(probe), "analysis.drift_probe:") if probe else default_probe()
         # This run's own recipe asked for the model's code (or not): no second question here.
         result = run_drift(self.run_dir, prompts, self.console, allow_remote_code=self.recipe.model.trust_remote_code,
                            probe_source=probe)

@@ -13,6 +13,7 @@ from cft_adapters import eval_cost
 from cft_adapters.evaluation import limit_problems_of, skipped_tasks, unknown_tasks
 from cft_adapters.task_semantics import classify, unclassified_tasks
 from cft_adapters.placement import check_placements, describe_for_dry_run, num_layers_from_config
+from cft_adapters.analysis.predict import check_analysis_files
 from cft_adapters.recipe import Recipe, TrainingConfig
 
 def _training_summary(t: TrainingConfig) -> str:
@@ -21,8 +22,13 @@ def _training_summary(t: TrainingConfig) -> str:
 
 
 def dry_run(recipe: Recipe, recipe_path: str, console: Console, gpu_mem: float | None = None) -> None:
+    if recipe.model.trust_remote_code:  # a dry run is how a recipe from elsewhere is vetted: it runs no model code
+        console.print("dry run: model.trust_remote_code is true, but a dry run does not run the model repository's "
+                      "code; what needs it (layer count, memory) shows as unknown", highlight=False)
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"trust_remote_code": False})})
     use_include_paths(recipe.eval.include_path)
     check_placements(recipe, recipe_path)
+    check_analysis_files(recipe, recipe_path)
     problems = (unknown_tasks(recipe.eval.tasks) or unclassified_tasks(recipe.eval.tasks)
                 or limit_problems_of(recipe.eval)) if recipe.eval.tasks else []
     try:

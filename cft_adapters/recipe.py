@@ -68,6 +68,21 @@ class ModelConfig(_Strict):
         "locally on first use; the embedded default)."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        """A 'builtin:' name is one of the package's: a typo is said here, not after the dry run."""
+        if value.startswith(BUILTIN_PREFIX):
+            from cft_adapters.tiny import BUILTIN_MODELS
+            from cft_adapters.wheels import WHEEL_MODELS
+
+            known = [*BUILTIN_MODELS, *(spec["builtin"] for spec in WHEEL_MODELS.values())]
+            if value.removeprefix(BUILTIN_PREFIX) not in known:
+                raise ValueError(f"unknown builtin model '{value}' (available: "
+                                 f"{', '.join(BUILTIN_PREFIX + k for k in known)})")
+        return value
+
     gguf_file: str | None = Field(
         None,
         description="GGUF file inside name_or_path. It is dequantized once into a cached plain "

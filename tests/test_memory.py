@@ -45,3 +45,11 @@ def test_dry_run_prints_the_memory_plan(tmp_path, capsys, monkeypatch) -> None:
     assert main([str(SMOKE), f"output_dir={tmp_path / 'o'}", "--dry-run", "--gpu-mem", "0.4"]) == 0
     out = capsys.readouterr().out
     assert "estimated peak GPU memory per phase" in out and "fits 0.4 GiB" in out and "NO" in out
+
+
+@pytest.mark.parametrize("extra", [["--gpu-mem", "24"], ["--dry-run", "--gpu-mem", "0"], ["--dry-run", "--gpu-mem", "nan"],
+                                   ["--dry-run", "--gpu-mem", "-4"]])
+def test_gpu_mem_is_a_positive_size_for_a_dry_run(tmp_path, capsys, extra) -> None:
+    assert main([str(SMOKE), f"output_dir={tmp_path / 'o'}", *extra]) == 2  # never a training run
+    assert "--gpu-mem takes a GPU size in GiB above 0, with --dry-run" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -152,3 +152,28 @@ def test_trust_remote_code_from_a_run_dir_needs_the_flag(smoke_run: Path, tmp_pa
     assert _cli(command, run, "--trust-remote-code", *extra) == 0, capsys.readouterr().err
     written = {p for p in set(_snapshot(tmp_path)) - set(before)}
     assert written and all(p.startswith("run/") for p in written)
+
+
+def test_a_dry_run_never_runs_the_model_repositorys_code(tmp_path, capsys) -> None:
+    """A dry run is how a recipe from elsewhere is vetted: even with trust_remote_code: true, the
+    model folder's own Python (an AutoConfig in auto_map) is not imported."""
+    import json
+
+    from cft_adapters.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    marker = tmp_path / "ran"
+    (model / "config.json").write_text(json.dumps({"model_type": "cft_test_remote", "num_hidden_layers": 4,
+                                                   "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    (model / "configuration_x.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\nclass XConfig(PretrainedConfig):\n    model_type = 'cft_test_remote'\n")
+    from conftest import SMOKE
+
+    code = main([str(SMOKE), f"output_dir={tmp_path / 'o'}", f"model.name_or_path={model}", "model.trust_remote_code=true",
+                 "--dry-run"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0, out
+    assert "a dry run does not run the model repository's code" in out
+    assert not marker.exists()

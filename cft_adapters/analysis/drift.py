@@ -49,14 +49,17 @@ def drift_checkpoints(manifest: RunManifest) -> list[dict[str, Any]]:
             for r in manifest.phases if r.index == 0 or r.status == "done"]
 
 
-def read_probe(path: Path) -> list[str]:
+def read_probe(path: Path, where: str = "--probe") -> list[str]:
+    """The probe's prompts; `where` is what the user wrote it as (--probe, or analysis.drift_probe)."""
     try:
         rows = read_jsonl(path)
         prompts = [r["prompt"] for r in rows]
+        if not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError("every 'prompt' must be non-empty text")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CftError(f"--probe {path}: expected JSON Lines with a 'prompt' field ({exc})") from None
+        raise CftError(f"{where} {path}: expected JSON Lines with a 'prompt' field ({exc})") from None
     if not prompts:
-        raise CftError(f"--probe {path}: no prompts")
+        raise CftError(f"{where} {path}: no prompts")
     return prompts
 
 

@@ -115,6 +115,26 @@ def predict(model: dict[str, Any], des: float) -> float:
     return model["intercept"] + model["slope"] * des
 
 
+def check_analysis_files(recipe: Recipe, source: str) -> None:
+    """The files the recipe's analysis section names, read now (a dry run, the start of cft-train):
+    a bad probe or forgetting model is said before any phase trains, not after."""
+    problems = []
+    if recipe.analysis.forgetting_model:
+        try:
+            read_model(Path(recipe.analysis.forgetting_model))
+        except CftError as exc:
+            problems += [f"{source}: {line}" for line in exc.problems]
+    if recipe.analysis.drift and recipe.analysis.drift_probe:
+        from cft_adapters.analysis.drift import read_probe
+
+        try:
+            read_probe(Path(recipe.analysis.drift_probe), "analysis.drift_probe:")
+        except CftError as exc:
+            problems += [f"{source}: {line}" for line in exc.problems]
+    if problems:
+        raise CftError(problems)
+
+
 def read_model(path: Path) -> dict[str, Any]:
     try:
         model = json.loads(Path(path).read_text(encoding="utf-8"))
