@@ -75,9 +75,12 @@ class ReplayCollator:
         self.ratio = ratio
         self.order = list(range(len(replay_features)))
         random.Random(seed).shuffle(self.order)
-        # Data parallel: the sampler deals example i of the global stream to rank i % world_size, so
-        # local slot p is global slot p * world_size + rank. The schedule and the choice of replay
-        # example follow the global slot: ranks never replay the same example at the same time.
+        # Data parallel: local slot p of rank r is numbered p * world_size + r, a one-to-one map onto
+        # the slots of all ranks together, so the totals are exactly ratio x examples and ranks never
+        # replay the same example at the same time. (accelerate deals whole batches to ranks, so this
+        # numbering is not the order examples are drawn in, and the per-rank share is uneven: at 2
+        # ranks and ratio 0.1 every replay slot is odd, all on rank 1. Gradients are averaged over
+        # ranks, so the step sees the same mix.)
         self.rank, self.world_size = rank, world_size
         self.position = 0  # index of the next example slot in this rank's stream
         self.seen = 0
