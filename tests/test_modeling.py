@@ -35,8 +35,12 @@ def test_builtin_model_is_cached(tiny_model_path: Path) -> None:
 
 
 def test_unknown_builtin_model() -> None:
-    with pytest.raises(CftError, match="unknown builtin model 'builtin:nope'"):
-        resolve_model_path(ModelConfig(name_or_path="builtin:nope"))
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown builtin model 'builtin:nope'"):  # the recipe says it first
+        ModelConfig(name_or_path="builtin:nope")
+    with pytest.raises(CftError, match="unknown builtin model 'builtin:nope'"):  # and loading never guesses
+        resolve_model_path(ModelConfig.model_construct(name_or_path="builtin:nope", gguf_file=None))
 
 
 def test_tokenizer_trained_on_bundled_text_round_trips_accents(tiny_model_path: Path) -> None:
