@@ -101,8 +101,12 @@ def test_a_damaged_run_json_names_the_field_and_deleting_it_recovers(smoke_run, 
     (run / "run.json").unlink()
     assert main([str(SMOKE), f"output_dir={run}", "eval.tasks=[]"]) == 0
     assert " ".join(capsys.readouterr().out.split()).count("adapter was already saved; recorded as done") == 2
-    assert all(p.status == "done" for p in RunManifest.read(run).phases)
+    recovered, original = RunManifest.read(run), RunManifest.read(smoke_run)
+    assert all(p.status == "done" for p in recovered.phases)
     assert stamps == {p: (run / p / "adapter/adapter_model.safetensors").stat().st_mtime_ns for p in (P1, P2)}
+    # what run.json said of each phase's data came back from its record.json (the report's seen languages)
+    assert [p.data for p in recovered.phases[1:]] == [p.data for p in original.phases[1:]]
+    assert recovered.phases[2].data["languages"]
 
 
 @pytest.mark.slow
