@@ -30,6 +30,9 @@ def source_problems(src: dict[str, Any]) -> list[str]:
     return problems
 
 
+MAX_LAYERS = 10_000  # a layer index at or above this is no model's
+
+
 def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[int]:
     """'0-7,12' or [0, 1] -> sorted unique indices, checked against num_layers when known."""
     if isinstance(spec, list):
@@ -43,11 +46,14 @@ def parse_layers(spec: str | list[int], num_layers: int | None = None) -> list[i
             lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
             if hi < lo:
                 raise ValueError(f"layer range '{part}' runs backwards")
+            if hi >= MAX_LAYERS:  # checked before the range is expanded (memory), whatever the model
+                raise ValueError(f"layer range '{part}' goes past {MAX_LAYERS - 1:,}; no model has that many layers")
             layers.extend(range(lo, hi + 1))
     if num_layers is not None:
-        bad = [i for i in layers if i < 0 or i >= num_layers]
+        bad = sorted({i for i in layers if i < 0 or i >= num_layers})
         if bad:
-            raise ValueError(f"layer(s) {bad} out of range: the model has layers 0-{num_layers - 1}")
+            shown = ", ".join(map(str, bad[:8])) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+            raise ValueError(f"layer(s) [{shown}] out of range: the model has layers 0-{num_layers - 1}")
     return sorted(set(layers))
 
 

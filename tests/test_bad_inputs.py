@@ -138,6 +138,9 @@ CASES = [
     pytest.param(dict(overrides=["model.name_or_path=builtin:tiny-mistrall"]),
                  ["{recipe}: model.name_or_path: unknown builtin model 'builtin:tiny-mistrall' (available: builtin:tiny-mistral"],
                  id="builtin-model-typo"),
+    pytest.param(dict(overrides=["phases[1].placement={strategy: explicit, layers: '0-700000000'}"]),
+                 ["{recipe}: phases[1].placement.layers: layer range '0-700000000' goes past 9,999"],
+                 id="layer-range-beyond-any-model"),
     # -- JSON Lines data --------------------------------------------------------------------------
     pytest.param(dict(files={"d.jsonl": _lines([b'{"instruction": "a" "output": "b"}', GOOD])}),
                  ["{recipe}: phases[1].datasets[0]: {dir}/d.jsonl line 1: not valid JSON: Expecting ',' delimiter (column 21)"],
