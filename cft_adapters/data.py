@@ -126,17 +126,22 @@ def _check_columns(columns: list[str] | None, src: DatasetSource, where: str) ->
         )
 
 
+def sample_order(src: DatasetSource, rows: int, seed: int) -> list[int]:
+    """The rows a source keeps, in a seeded order: `max_examples` of them, else `fraction`, else all."""
+    keep = src.max_examples if src.max_examples is not None else (
+        max(1, round(src.fraction * rows)) if src.fraction is not None else rows
+    )
+    return np.random.default_rng(seed).permutation(rows)[: min(keep, rows)].tolist()
+
+
 def load_source(src: DatasetSource, where: str, seed: int) -> Any:
     """Read a whole source, check it, convert it and sample it (seeded)."""
     raw = _load_raw(src, where, streaming=False)
     _check_columns(raw.column_names, src, where)
     if len(raw) == 0:
         raise DataError(f"{where}: {src.describe()}: the dataset is empty")
-    keep = src.max_examples if src.max_examples is not None else (
-        max(1, round(src.fraction * len(raw))) if src.fraction is not None else len(raw)
-    )
     # A seeded sample; `order` maps back to the rows of the file, so errors name the real row.
-    order = np.random.default_rng(seed).permutation(len(raw))[: min(keep, len(raw))].tolist()
+    order = sample_order(src, len(raw), seed)
     raw = raw.select(order)
     converted = raw.map(
         lambda row, i: to_conversation(row, src, f"{where} row {order[i]}"),
@@ -368,10 +373,7 @@ def load_prompts(src: DatasetSource, where: str, seed: int) -> list[dict[str, An
                         f"(found: {', '.join(raw.column_names)})")
     if len(raw) == 0:
         raise DataError(f"{where}: {src.describe()}: the prompt source is empty")
-    keep = src.max_examples if src.max_examples is not None else (  # as load_source samples
-        max(1, round(src.fraction * len(raw))) if src.fraction is not None else len(raw)
-    )
-    order = np.random.default_rng(seed).permutation(len(raw))[: min(keep, len(raw))].tolist()
+    order = sample_order(src, len(raw), seed)
     out = []
     for i in order:
         try:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cft_adapters.errors import CftError
-from cft_adapters.wheels import WHEEL_MODELS, wheel_model_file
+from cft_adapters.wheels import WHEEL_MODELS, builtin_model_names, wheel_model_file
 from cft_adapters.hf_configs import bnb_config, compute_dtype, lora_config
 from cft_adapters.recipe import BUILTIN_PREFIX, AdapterConfig, ModelConfig
 from cft_adapters.util.fs import build_cached_dir
@@ -61,7 +61,7 @@ def resolve_model_path(model: ModelConfig) -> str:
             return str(builtin_model_path(key))
         wheel = next((k for k, spec in WHEEL_MODELS.items() if spec["builtin"] == key), None)
         if wheel is None:
-            available = [*BUILTIN_MODELS, *(spec["builtin"] for spec in WHEEL_MODELS.values())]
+            available = builtin_model_names()
             raise CftError(f"model.name_or_path: unknown builtin model '{name}' (available: {', '.join(BUILTIN_PREFIX + k for k in available)})")
         gguf = wheel_model_file(wheel)
         if not gguf.is_file():

@@ -74,10 +74,9 @@ class ModelConfig(_Strict):
     def _known_builtin(cls, value: str) -> str:
         """A 'builtin:' name is one of the package's: a typo is said here, not after the dry run."""
         if value.startswith(BUILTIN_PREFIX):
-            from cft_adapters.tiny import BUILTIN_MODELS
-            from cft_adapters.wheels import WHEEL_MODELS
+            from cft_adapters.wheels import builtin_model_names
 
-            known = [*BUILTIN_MODELS, *(spec["builtin"] for spec in WHEEL_MODELS.values())]
+            known = builtin_model_names()
             if value.removeprefix(BUILTIN_PREFIX) not in known:
                 raise ValueError(f"unknown builtin model '{value}' (available: "
                                  f"{', '.join(BUILTIN_PREFIX + k for k in known)})")

@@ -26,7 +26,6 @@ Outputs: `study.json`, `study.md`, `study.png` in the output directory, rewritte
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,9 @@ from rich.table import Table
 from cft_adapters.errors import CftError
 from cft_adapters.recipe import Recipe
 from cft_adapters.rundir import claim
-from cft_adapters.util.fs import write_atomic
 from cft_adapters.study_cells import (  # noqa: F401  (re-exported)
     Cell, _read_budgets, _stale, _state_key, cell_finished, load_cells, phase_keys, planned_donor, read_state, share_into,
+    write_state,
 )
 from cft_adapters.study_config import LauncherSettings, Study, StudyCondition, load_study  # noqa: F401  (re-exported)
 from cft_adapters.study_summary import STUDY_JSON, STUDY_MD, STUDY_PNG, aggregate, summary_table, write_outputs  # noqa: F401  (re-exported)
@@ -173,7 +172,7 @@ def _run_study(study: Study, study_path: Path, console: Console, report_only: bo
     state.setdefault("cells", {})
     ok = True
     if not report_only:
-        write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+        write_state(state_file, state)
         if launcher.kind == "sequential":
             ok = _run_here(study, study_path, cells, state, state_file, console)
         else:
@@ -231,7 +230,7 @@ def _run_here(study: Study, study_path: Path, cells: list[Cell], state: dict[str
         state["cells"][key] = {"status": cell.status, "wall_seconds": cell.wall_seconds, "shared": cell.shared,
                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "keys": phase_keys(cell.recipe),
                                **({"error": error} if error else {})}
-        write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+        write_state(state_file, state)
         write_outputs(study, study_path, cells, state, console, plot=False)
     return ok
 

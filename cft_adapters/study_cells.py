@@ -138,6 +138,13 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """cells.json, written whole (a reader sees the old file or the new one)."""
+    from cft_adapters.util.fs import write_atomic
+
+    write_atomic(path, json.dumps(state, indent=2) + "\n")
+
+
 def _read_budgets(saved: dict[str, Any]) -> dict[int, dict[str, dict[str, int]]]:
     """cells.json's token_budgets. Before budgets were per condition they were {phase index: budget}
     for every condition: those read as budgets for no condition, so such cells count as stale."""

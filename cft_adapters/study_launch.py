@@ -43,6 +43,7 @@ from cft_adapters.study_cells import (
     planned_donor,
     read_state,
     share_into,
+    write_state,
 )
 from cft_adapters.study_config import LauncherSettings, Study
 from cft_adapters.util.fs import write_atomic
@@ -423,7 +424,19 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
     ok = True
 
     def save() -> None:
-        write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+        write_state(state_file, state)
+
+    def donor_failed(key: str) -> bool:
+        return deps[key] is not None and status.get(deps[key]) in ("failed", "stale", "blocked")
+
+    def block(cell: Cell, key: str) -> None:
+        """The cell is not run (or was cancelled unstarted): the cell it shares phases with failed."""
+        nonlocal ok
+        cell.status, status[key], ok = "failed", "blocked", False
+        state["cells"].setdefault(key, {}).update(
+            status="failed", error=f"not run: the cell it shares phases with ({deps[key]}) failed")
+        console.print(f"[red]cell {key}[/]: not run, its donor {deps[key]} failed")
+        save()
 
     for cell in cells:
         key = _state_key(cell)
@@ -445,13 +458,8 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
         span = _read_span(job_dir(cell.run_dir))
         record = state["cells"].setdefault(key, {})
         finished = cell_finished(cell, state)
-        donor = deps[key]
-        if not finished and "started" not in span and donor is not None and status.get(donor) in ("failed", "stale", "blocked"):
-            # never started: Slurm cancelled it (--kill-on-invalid-dep) when its donor failed
-            cell.status, status[key], ok = "failed", "blocked", False
-            record.update(status="failed", error=f"not run: the cell it shares phases with ({donor}) failed")
-            console.print(f"[red]cell {key}[/]: not run, its donor {donor} failed")
-            save()
+        if not finished and "started" not in span and donor_failed(key):
+            block(cell, key)  # never started: Slurm cancelled it (--kill-on-invalid-dep) when its donor failed
             return
         error = None if finished else run.error()
         if error and ANOTHER_JOB in error:  # lost the race to a live job of an earlier driver: wait for that one
@@ -487,12 +495,8 @@ def run_jobs(study: Study, study_path: Path, cells: list[Cell], state: dict[str,
                     continue
                 donor = deps[key]
                 after = None
-                if donor is not None and status.get(donor) in ("failed", "stale", "blocked"):
-                    cell.status, status[key], ok = "failed", "blocked", False
-                    state["cells"].setdefault(key, {}).update(
-                        status="failed", error=f"not run: the cell it shares phases with ({donor}) failed")
-                    console.print(f"[red]cell {key}[/]: not run, its donor {donor} failed")
-                    save()
+                if donor_failed(key):
+                    block(cell, key)
                     continue
                 adopted = _adopt(cell, state, not_alive)
                 if adopted is not None:
@@ -608,7 +612,7 @@ def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: in
     record = state["cells"].setdefault(key, {})
     record.update(status="submitted", keys=phase_keys(cell.recipe))  # what the job checks it runs
     record.pop("error", None)
-    write_atomic(Path(study.output_dir) / "cells.json", json.dumps(state, indent=2) + "\n")
+    write_state(Path(study.output_dir) / "cells.json", state)
     try:
         submitted = _executor(settings, folder, name, after, gpus).submit(job)
     except Exception as exc:  # sbatch refused it, srun missing, ...: the cell fails, the study goes on
@@ -616,7 +620,7 @@ def _submit(cell: Cell, key: str, donor: str | None, after: str | None, slot: in
     record["job"] = {"launcher": settings.kind, "id": str(submitted.job_id), "folder": str(folder), "slot": slot,
                      "gpus": list(gpus), "stdout": str(submitted.paths.stdout), "stderr": str(submitted.paths.stderr),
                      **({"after": after} if after else {})}
-    write_atomic(Path(study.output_dir) / "cells.json", json.dumps(state, indent=2) + "\n")  # before anything else
+    write_state(Path(study.output_dir) / "cells.json", state)  # before anything else
     console.print(f"{key}: submitted ({settings.kind} job {submitted.job_id}{f', after {after}' if after else ''}); "
                   f"log {submitted.paths.stderr}")
     return _Running(cell, job=submitted, slot=slot, kind=settings.kind)

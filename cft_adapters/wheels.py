@@ -25,3 +25,10 @@ WHEEL_MODELS = {
 def wheel_model_file(key: str) -> Path:
     spec = WHEEL_MODELS[key]
     return cache_dir() / "wheels" / key / Path(spec["member"]).name
+
+
+def builtin_model_names() -> list[str]:
+    """Every name `builtin:<name>` can take: the tiny models built locally, and the wheel models."""
+    from cft_adapters.tiny import BUILTIN_MODELS
+
+    return [*BUILTIN_MODELS, *(spec["builtin"] for spec in WHEEL_MODELS.values())]
